@@ -1,0 +1,111 @@
+"""The default configuration every other config derives from.
+
+Each config file in this folder defines ``get_config()`` returning a locked
+``ml_collections.ConfigDict``; derived configs start from this one and change a
+few fields, so every key any part of jaxdiff reads exists here (a typo in an
+override such as ``--config.training.batchsize=8`` is an error, not a silent
+new key).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "fashion_mnist"  # any tfds image dataset, or "image_folder"
+  data.split = "train"
+  data.data_dir = ""  # tfds data_dir; "" = tfds' default (~/tensorflow_datasets)
+  data.manual_dir = ""  # folder with the dataset's official raw files (offline prepare)
+  data.image_folder = ""  # with name == "image_folder": a directory of PNG/JPEG files
+  data.image_size = 28
+  data.channels = 1
+  data.num_classes = 10  # used only when model.class_conditional
+  data.random_flip = False
+  data.shuffle_buffer = 0  # 0: global shuffle by index (grain); kept for clarity
+  data.num_workers = 0  # grain worker processes; 0 reads in the main process
+  data.prefetch = 2
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"  # "unet" | "dit"
+  # U-Net (Ho et al. 2020, App. B, and improved-diffusion variants).
+  model.ch = 64
+  model.ch_mult = (1, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (14,)
+  model.dropout = 0.1
+  model.resblock = "ddpm"  # "ddpm" | "biggan" | "convnext"
+  model.resample_with_conv = True
+  model.scale_shift_norm = False  # AdaGN time conditioning (improved-diffusion)
+  model.attention = "standard"  # "standard" | "linear"
+  model.num_heads = 1
+  model.num_head_channels = -1  # > 0 overrides num_heads
+  model.num_groups = 32  # GroupNorm groups (DDPM: 32)
+  model.class_conditional = False
+  model.class_dropout = 0.1  # label dropout for classifier-free guidance
+  model.compute_dtype = "float32"  # "float32" | "bfloat16" (params stay float32)
+  model.remat = False
+  # DiT (Peebles & Xie 2023).
+  model.patch_size = 2
+  model.hidden_size = 192
+  model.depth = 6
+  model.mlp_ratio = 4.0
+
+  # ---------------------------------------------------------------- diffusion
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "linear"  # see jaxdiff.schedules.SCHEDULES
+  diffusion.num_timesteps = 1000
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.mean_type = "eps"  # "eps" | "x0" | "v"
+  diffusion.var_type = "fixed_large"  # "fixed_small" | "fixed_large" | "learned" | "learned_range"
+  diffusion.loss_type = "mse"  # "mse" | "l1" | "huber" | "kl" | "hybrid"
+  diffusion.min_snr_gamma = 0.0  # > 0 enables min-SNR-gamma weighting
+  diffusion.t_sampler = "uniform"  # "uniform" | "importance"
+
+  # ---------------------------------------------------------------- training
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global, across all devices and hosts
+  training.num_steps = 20_000
+  training.optimizer = "adam"  # "adam" | "adamw"
+  training.learning_rate = 2e-4
+  training.weight_decay = 0.0
+  training.b1 = 0.9
+  training.b2 = 0.999
+  training.warmup_steps = 1000
+  training.lr_schedule = "constant"  # "constant" | "cosine" (after warmup)
+  training.grad_clip = 1.0  # global norm; <= 0 disables
+  training.grad_accum_steps = 1
+  training.ema_decay = 0.9999
+  training.ema_warmup = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+  training.fsdp = False  # shard params and optimizer state over the data axis
+  training.checkpoint_every = 1000
+  training.keep_checkpoints = 3
+  training.log_every = 50
+  training.sample_every = 5000
+  training.tensorboard = False
+
+  # ---------------------------------------------------------------- sampling
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ddim"  # "ddpm" | "ddim" | "dpm++2m" | "euler_maruyama" | "pc"
+  sampling.num_steps = 50
+  sampling.eta = 0.0
+  sampling.clip_denoised = True
+  sampling.guidance_scale = 1.0
+  sampling.temperature = 1.0
+  sampling.num_samples = 64
+  sampling.batch_size = 256  # per chunk, global
+
+  # ---------------------------------------------------------------- eval
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.split = "test"
+  ev.num_examples = 1000
+  ev.batch_size = 128
+  ev.clip_denoised = True
+
+  config.lock()
+  return config

@@ -1,0 +1,13 @@
+"""Test setup: simulate 8 CPU devices before JAX initialises its backend."""
+
+import os
+
+# Must run before the first JAX computation; conftest is imported before any test module.
+os.environ.setdefault("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
