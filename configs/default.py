@@ -59,8 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # see jaxdiff.schedules.SCHEDULES
   diffusion.num_timesteps = 1000
-  diffusion.beta_start = 1e-4
-  diffusion.beta_end = 0.02
+  # None: the schedule's default (linear: 1e-4..0.02 scaled by 1000 / T).
+  diffusion.beta_start = ml_collections.config_dict.placeholder(float)
+  diffusion.beta_end = ml_collections.config_dict.placeholder(float)
+  diffusion.beta = ml_collections.config_dict.placeholder(float)  # "constant" only
   diffusion.mean_type = "eps"  # "eps" | "x0" | "v"
   diffusion.var_type = "fixed_large"  # "fixed_small" | "fixed_large" | "learned" | "learned_range"
   diffusion.loss_type = "mse"  # "mse" | "l1" | "huber" | "kl" | "hybrid"

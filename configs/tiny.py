@@ -16,6 +16,7 @@ def get_config():
   config.model.hidden_size = 32
   config.model.depth = 2
   config.model.patch_size = 2
+  config.diffusion.schedule = "cosine"  # linear at T=20 would reach beta = 1
   config.diffusion.num_timesteps = 20
   config.training.batch_size = 8
   config.training.num_steps = 4
