@@ -52,13 +52,11 @@ def _batches(n, batch=8, seed=0):
 
 def _run_steps(config, mesh, batches, fsdp=False):
   graphdef, _, optimizer, diffusion = training.build(config)
-  abstract = jax.eval_shape(
-    lambda k: training.init_state(config, optimizer, k), jax.random.key(0)
-  )
+  abstract = jax.eval_shape(lambda k: training.init_state(config, optimizer, k), jax.random.key(0))
   shardings = parallel.state_sharding(mesh, abstract, fsdp=fsdp)
-  state = jax.jit(
-    lambda k: training.init_state(config, optimizer, k), out_shardings=shardings
-  )(jax.random.key(0))
+  state = jax.jit(lambda k: training.init_state(config, optimizer, k), out_shardings=shardings)(
+    jax.random.key(0)
+  )
   step = training.jit_train_step(
     training.make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings
   )
@@ -177,7 +175,9 @@ def test_bad_batch_size_is_a_clear_error():
 
 
 def _losses(workdir):
-  return [(r["step"], r["loss"]) for r in trainer.MetricsLog(workdir / "metrics.jsonl", True).read()]
+  return [
+    (r["step"], r["loss"]) for r in trainer.MetricsLog(workdir / "metrics.jsonl", True).read()
+  ]
 
 
 def test_resumed_run_logs_the_same_losses(image_dir, tmp_path):
@@ -240,7 +240,9 @@ def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(image_dir, tmp_pat
 
   _inject(monkeypatch, 3, poison)
   config = _config(image_dir, training__num_steps=8, training__checkpoint_every=1)
-  with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite loss=nan.* at step 3; .*step 2"):
+  with pytest.raises(
+    trainer.NonFiniteLossError, match=r"non-finite loss=nan.* at step 3; .*step 2"
+  ):
     trainer.train(config, tmp_path)
   from jaxdiff import checkpointing
 
