@@ -140,7 +140,8 @@ def test_fsdp_shards_large_arrays_and_keeps_small_ones_whole():
   _, _, optimizer, _ = training.build(config)
   abstract = jax.eval_shape(lambda k: training.init_state(config, optimizer, k), jax.random.key(0))
   shardings = parallel.state_sharding(mesh, abstract, fsdp=True)
-  specs = [(x.shape, s.spec) for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))]
+  leaves = zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
+  specs = [(x.shape, s.spec) for x, s in leaves]
   sharded = [(shape, spec) for shape, spec in specs if parallel.DATA_AXIS in spec]
   assert sharded, "no array was sharded"
   for shape, spec in sharded:
