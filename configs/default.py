@@ -25,7 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
   data.channels = 1
   data.num_classes = 10  # used only when model.class_conditional
   data.random_flip = False
-  data.shuffle_buffer = 0  # 0: global shuffle by index (grain); kept for clarity
   data.num_workers = 0  # grain worker processes; 0 reads in the main process
   data.prefetch = 2
 
@@ -89,7 +88,6 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.log_every = 50
   training.sample_every = 5000
-  training.tensorboard = False
 
   # ---------------------------------------------------------------- sampling
   config.sampling = sampling = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ Sources (``make_source``) are grain random-access sources of ``{"image": uint8 [
   ignored.
 
 The pipeline (``make_dataset``) is a ``grain.MapDataset`` over record indices: shuffle by seed
-(a fresh permutation each epoch; ``data.shuffle_buffer`` is unused), cut each epoch to a whole
+(a fresh permutation each epoch), cut each epoch to a whole
 number of global batches, repeat, draw horizontal flips by (seed, position in the stream), shard,
 batch, then read each host batch with one batched read. Host ``p`` of ``P`` takes stream elements
 ``p, p + P, ...``, so global batch ``s`` is always stream elements ``[s * B, (s + 1) * B)``
