@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
+
 def maybe_initialize_distributed() -> None:
   """Calls ``jax.distributed.initialize()`` when the environment asks for it.
 

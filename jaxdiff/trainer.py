@@ -18,6 +18,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from flax import nnx
 
 from jaxdiff import checkpointing, data, models, parallel, training
 
@@ -93,17 +95,61 @@ class _StopRequested:
       signal.signal(sig, handler)
 
 
+def model_apply(graphdef: Any) -> Callable[..., jax.Array]:
+  """``apply(params, x, t, y=None)``: make it once per graphdef and wrap it as
+  ``jax.tree_util.Partial(apply, params)``, so that samplers see the parameters as jit
+  arguments (new parameters reuse the compiled code instead of baking in constants)."""
+
+  def apply(params: Any, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+    return nnx.merge(graphdef, params)(x, t, y)
+
+  return apply
+
+
+def load_ema(
+  workdir: str | Path, step: int | None = None, mesh: Any = None
+) -> tuple[ml_collections.ConfigDict, jax.tree_util.Partial]:
+  """A run's config and ``model_fn(x, t, y=None)`` holding its EMA parameters.
+
+  Args:
+    workdir: the training run's directory (``config.json``, ``checkpoints/``).
+    step: which checkpoint (default: the newest).
+    mesh: restore the parameters replicated over this mesh (default: all devices).
+  """
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} not found: is {workdir} a training run's workdir?")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  graphdef, _, optimizer, _ = training.build(config)
+  abstract = jax.eval_shape(
+    lambda k: training.init_state(config, optimizer, k), _stream(config.seed, _INIT)
+  )
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
+  try:
+    available = ckpt.all_steps()
+    if not available:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
+    if step is not None and step not in available:
+      raise FileNotFoundError(f"no checkpoint {step} in {ckpt.directory}; available: {available}")
+    state, _ = ckpt.restore(abstract, parallel.state_sharding(mesh, abstract), step)
+  finally:
+    ckpt.close()
+  print(f"loaded the EMA parameters of step {int(state.step)} from {ckpt.directory}", flush=True)
+  return config, jax.tree_util.Partial(model_apply(graphdef), state.ema_params)
+
+
 def sample_grid(
   config: ml_collections.ConfigDict,
-  graphdef: Any,
-  params: Any,
+  model_fn: Callable[..., jax.Array],
   diffusion: Any,
   key: jax.Array,
   mesh: Any,
   path: Path | None,
   num_samples: int | None = None,
 ) -> np.ndarray:
-  """Samples with ``params`` (the EMA ones) and writes a PNG grid; returns uint8 images."""
+  """Samples per ``config.sampling`` and writes a PNG grid; returns uint8 images."""
   from jaxdiff import images, sampling
 
   scfg = config.sampling
@@ -115,7 +161,7 @@ def sample_grid(
     labels = jnp.arange(n) % config.data.num_classes
   out = sampling.sample(
     diffusion,
-    _eval_model_fn(graphdef, params, labels is not None),
+    model_fn,
     key,
     shape,
     sampler=scfg.sampler,
@@ -133,15 +179,6 @@ def sample_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     images.save_png(images.make_grid(imgs), path)
   return imgs
-
-
-def _eval_model_fn(graphdef: Any, params: Any, conditional: bool):
-  from flax import nnx
-
-  model = nnx.merge(graphdef, params)
-  if conditional:
-    return lambda x, t, y: model(x, t, y)
-  return lambda x, t: model(x, t)
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
@@ -213,6 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     training.make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings
   )
   train_key, sample_key = _stream(config.seed, _TRAIN), _stream(config.seed, _SAMPLE)
+  apply = model_apply(graphdef)
   total = tcfg.num_steps
   last_saved = latest
   last_record: dict[str, Any] = {}
@@ -257,8 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         if tcfg.sample_every and step % tcfg.sample_every == 0:
           sample_grid(
             config,
-            graphdef,
-            state.ema_params,
+            jax.tree_util.Partial(apply, state.ema_params),
             diffusion,
             jax.random.fold_in(sample_key, step),
             mesh,
