@@ -13,9 +13,6 @@ chain x_T -> x_0 of every sample, as grids). Options left unset come from the ru
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "The training run's directory (config.json, checkpoints/).")
@@ -36,11 +33,6 @@ flags.DEFINE_bool("gif", False, "Also write trajectory.gif.")
 flags.mark_flags_as_required(["workdir", "out"])
 FLAGS = flags.FLAGS
 
-MAX_GIF_FRAMES = 100
-
-
-# ----------------------------------------------------------------------------- sampling
-
 
 def main(argv):
   if len(argv) > 1:
@@ -50,74 +42,29 @@ def main(argv):
 
   parallel.use_all_cpu_cores()  # before anything touches a device
   parallel.maybe_initialize_distributed()
+  from jaxdiff.generate import generate
 
-  import jax
-  import numpy as np
-
-  from jaxdiff import diffusion, images, sampling, trainer
-
-  mesh = parallel.make_mesh()
-  config, model_fn = trainer.load_ema(FLAGS.workdir, FLAGS.checkpoint_step, mesh)
-  scfg = config.sampling
-
-  def pick(flag: Any, default: Any) -> Any:
-    return default if flag is None else flag
-
-  n = FLAGS.num_samples
-  guidance_scale = pick(FLAGS.guidance_scale, scfg.guidance_scale)
-  labels, null_label = None, None
-  if config.model.class_conditional:
-    num_classes = config.data.num_classes
-    if FLAGS.class_label is not None and not 0 <= FLAGS.class_label < num_classes:
-      raise app.UsageError(f"--class_label={FLAGS.class_label} must be in 0..{num_classes - 1}")
-    label = FLAGS.class_label
-    labels = np.full(n, label) if label is not None else np.arange(n) % num_classes
-    null_label = num_classes
-  elif FLAGS.class_label is not None or guidance_scale != 1.0:
-    raise app.UsageError(
-      "--class_label and --guidance_scale != 1 need a class-conditional model"
-      " (model.class_conditional is False in this run's config)"
+  try:
+    result = generate(
+      FLAGS.workdir,
+      FLAGS.out,
+      num_samples=FLAGS.num_samples,
+      sampler=FLAGS.sampler,
+      steps=FLAGS.steps,
+      seed=FLAGS.seed,
+      eta=FLAGS.eta,
+      temperature=FLAGS.temperature,
+      guidance_scale=FLAGS.guidance_scale,
+      class_label=FLAGS.class_label,
+      batch_size=FLAGS.batch_size,
+      checkpoint_step=FLAGS.checkpoint_step,
+      gif=FLAGS.gif,
     )
-  # Every chunk is split over the devices: round the chunk up to a multiple of them.
-  batch = min(pick(FLAGS.batch_size, scfg.batch_size), n)
-  batch = -(-batch // mesh.size) * mesh.size
-
-  out = sampling.sample_in_chunks(
-    diffusion.from_config(config.diffusion),
-    model_fn,
-    jax.random.key(FLAGS.seed),
-    n,
-    (config.data.image_size, config.data.image_size, config.data.channels),
-    batch_size=batch,
-    labels=labels,
-    return_trajectory=FLAGS.gif,
-    progress=True,
-    sampler=pick(FLAGS.sampler, scfg.sampler),
-    num_steps=pick(FLAGS.steps, scfg.num_steps),
-    eta=pick(FLAGS.eta, scfg.eta),
-    clip_denoised=scfg.clip_denoised,
-    guidance_scale=guidance_scale,
-    null_label=null_label,
-    temperature=pick(FLAGS.temperature, scfg.temperature),
-    mesh=mesh,
-  )
-  samples, trajectory = out if FLAGS.gif else (out, None)
-  if jax.process_index() != 0:
-    return
-  out_dir = Path(FLAGS.out)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  pixels = images.to_uint8(samples)
-  images.save_png(images.make_grid(pixels), out_dir / "samples.png")
-  arrays = {"images": pixels} if labels is None else {"images": pixels, "labels": labels}
-  np.savez(out_dir / "samples.npz", **arrays)
-  written = ["samples.png", "samples.npz"]
-  if trajectory is not None:
-    # Evenly spaced frames, x_T first and the samples last.
-    idx = np.unique(np.linspace(0, len(trajectory) - 1, MAX_GIF_FRAMES).round().astype(int))
-    frames = [images.make_grid(images.to_uint8(trajectory[i])) for i in idx]
-    images.save_gif(frames, out_dir / "trajectory.gif")
-    written.append("trajectory.gif")
-  print(f"wrote {', '.join(written)} ({n} samples) to {out_dir}")
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  if result["files"]:
+    names = ", ".join(f.name for f in result["files"])
+    print(f"wrote {names} ({FLAGS.num_samples} samples) to {FLAGS.out}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@ A sampler step should cost one model evaluation (two for ``pc``, whose Langevin
 corrector evaluates the model again) plus elementwise maths that are small
 next to a U-Net. The target is a ratio <= 1.05 per model evaluation.
 
-Method: the model is ``build_model`` on ``configs/tiny.py`` (a small conv net if
-``jaxdiff.models`` is missing), run under ``jax.jit`` as the sampler runs it,
-with the parameters passed as arguments (``jax.tree_util.Partial``). Each
+Method: the model is ``build_model`` on ``configs/tiny.py``, run under ``jax.jit`` as the
+sampler runs it, with the parameters passed as arguments (``jax.tree_util.Partial``). Each
 repeat is a pair, timed back to back so that load on the shared machine hits
 both alike: S jitted model calls (dispatched in a loop, blocked once), then
 one jitted S-step sampler call. The reported ratio is the median over repeats
@@ -16,11 +15,17 @@ its baseline is one model call at batch 2B.
 
 Run from the repository root: ``python benchmarks/bench_sampling.py [--batch 32 --steps 20]``.
 Prints a table; writes nothing.
+
+``--vs_torch`` instead compares images/s of DDIM (eta 0) against denoising-diffusion-pytorch's
+DDIM at equal model size (the ``fashion_mnist`` model; lucidrains' Unet sized to match) and
+equal steps, 28x28x1, each side in its own process, alternating for ``--repeats`` pairs.
+Setting up the torch side: see ``benchmarks/baseline.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -30,21 +35,21 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for configs/
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import baseline  # noqa: E402
 
 from jaxdiff import diffusion, sampling, schedules  # noqa: E402
 
 
 def build(num_classes: int):
   """``(apply(state, x, t, y=None), state, image_shape)`` for the tiny model."""
+  from flax import nnx
+
   from configs import tiny
+  from jaxdiff.models import build_model
 
   config = tiny.get_config()
-  try:
-    from flax import nnx
-
-    from jaxdiff.models import build_model
-  except ImportError:
-    return _fallback(config, num_classes)
   with config.unlocked():
     config.model.class_conditional = num_classes > 0
     config.data.num_classes = max(num_classes, 1)
@@ -57,28 +62,68 @@ def build(num_classes: int):
   return apply, state, (size, size, channels)
 
 
-def _fallback(config, num_classes: int):
-  # A small conv net with a time (and label) embedding, for when jaxdiff.models is absent.
-  import flax.linen as nn
+# ----------------------------------------------------------------------------- vs PyTorch
 
-  class ConvNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, t, y=None):
-      emb = jnp.sin(t[:, None] * jnp.exp(-jnp.arange(16) / 2.0))
-      if y is not None:
-        emb = emb + nn.Embed(num_classes + 1, 16)(y)
-      h = nn.Conv(32, (3, 3))(x)
-      for _ in range(4):
-        h = h + nn.Dense(32)(nn.silu(emb))[:, None, None, :]
-        h = h + nn.Conv(32, (3, 3))(nn.silu(nn.GroupNorm(8)(h)))
-      return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
 
-  size, channels = config.data.image_size, config.data.channels
-  net = ConvNet()
-  x0, t0 = jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32)
-  y0 = jnp.zeros((1,), jnp.int32) if num_classes else None
-  params = net.init(jax.random.key(0), x0, t0, y0)
-  return net.apply, params, (size, size, channels)
+def jax_ddim_worker(batch: int, steps: int) -> dict:
+  config, mesh, graphdef, abstract_params, _, d, _, state = baseline.jax_fashion_model(batch)
+  from jaxdiff import models, trainer
+
+  model_fn = jax.tree_util.Partial(trainer.model_apply(graphdef), state.params)
+  shape = (batch, 28, 28, 1)
+
+  def run():
+    x = sampling.sample(d, model_fn, jax.random.key(0), shape, sampler="ddim", num_steps=steps,
+                        mesh=mesh)  # fmt: skip
+    jax.block_until_ready(x)
+
+  run()  # compile
+  t = baseline.median_time(run, 3)
+  return {"img_s": batch / t, "params": models.count_params(abstract_params)}
+
+
+def torch_ddim_worker(batch: int, steps: int, target_params: int) -> dict:
+  import torch
+
+  diffusion, info = baseline.lucidrains_diffusion(
+    target_params, 28, sampling_timesteps=steps, ddim_sampling_eta=0.0
+  )
+  diffusion.eval()
+
+  def run():
+    with torch.no_grad():
+      diffusion.sample(batch_size=batch)
+
+  run()
+  return {"img_s": batch / baseline.median_time(run, 3), **info}
+
+
+def vs_torch(args) -> None:
+  me = str(Path(__file__).resolve())
+  env = baseline.torch_env()
+  if not baseline.has_torch(args.torch_python, env):
+    print("denoising-diffusion-pytorch not importable: no comparison (see benchmarks/baseline.py)")
+    return
+  common = ["--batch", str(args.batch), "--steps", str(args.steps)]
+  rows = []
+  for r in range(args.repeats):
+    j = baseline.run_worker([sys.executable, me, "--worker", "jax", *common])
+    t = baseline.run_worker(
+      [args.torch_python, me, "--worker", "torch", *common, "--target_params", str(j["params"])],
+      env=env,
+    )
+    rows.append((j, t))
+    print(f"round {r + 1}: jaxdiff {j['img_s']:7.1f} img/s   pytorch {t['img_s']:7.1f} img/s"
+          f"   ratio {j['img_s'] / t['img_s']:.2f}", flush=True)  # fmt: skip
+  jm = statistics.median(j["img_s"] for j, _ in rows)
+  tm = statistics.median(t["img_s"] for _, t in rows)
+  paired = statistics.median(j["img_s"] / t["img_s"] for j, t in rows)
+  t0 = rows[0][1]
+  print(
+    f"DDIM {args.steps} steps, batch {args.batch}: jaxdiff ({rows[0][0]['params']:,} params)"
+    f" {jm:.1f} img/s; denoising-diffusion-pytorch (Unet dim={t0['dim']}, {t0['params']:,}"
+    f" params) {tm:.1f} img/s; ratio {jm / tm:.2f} of medians, {paired:.2f} median paired"
+  )
 
 
 def time_pair(model_call, sampler_call, steps: int) -> tuple[float, float]:
@@ -99,7 +144,20 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--vs_torch", action="store_true", help="images/s against PyTorch DDIM")
+  parser.add_argument("--torch_python", default=sys.executable, help="interpreter with torch")
+  parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  parser.add_argument("--target_params", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker == "jax":
+    print(json.dumps(jax_ddim_worker(args.batch, args.steps)))
+    return
+  if args.worker == "torch":
+    print(json.dumps(torch_ddim_worker(args.batch, args.steps, args.target_params)))
+    return
+  if args.vs_torch:
+    vs_torch(args)
+    return
   B, S = args.batch, args.steps
 
   num_classes = 10

@@ -13,63 +13,33 @@ It prints images/s per round, the medians, the ratio of medians and the median o
 the per-round ratios, and for jaxdiff the FLOP/s the step achieves (XLA's cost
 analysis over the measured time) against a large matmul's on the same machine.
 
-denoising-diffusion-pytorch imports torchvision and pytorch-fid at import time;
-neither is needed to train, and neither has a CPU build here, so the torch worker
-puts small stand-ins for both on its path. To set the torch side up:
-
-  pip install torch==2.13.0 && pip install --no-deps denoising-diffusion-pytorch \\
-      && pip install accelerate ema-pytorch einops scipy
+Setting up the torch side: see ``benchmarks/baseline.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline  # noqa: E402
+
 BATCH, SIZE = 64, 28
 
 
-def _median_step_time(step, n: int) -> float:
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-# ----------------------------------------------------------------------------- jax worker
-
-
 def jax_worker(steps: int) -> dict:
-  sys.path.insert(0, str(ROOT))
-  from jaxdiff import parallel
-
-  parallel.use_all_cpu_cores()
+  config, mesh, graphdef, abstract_params, optimizer, diffusion, shardings, state = (
+    baseline.jax_fashion_model(BATCH)
+  )
   import jax
   import jax.numpy as jnp
 
-  from configs import fashion_mnist
-  from jaxdiff import models, training
+  from jaxdiff import models, parallel, training
 
-  config = fashion_mnist.get_config()
-  config.training.batch_size = BATCH
-  mesh = parallel.make_mesh()
-  graphdef, abstract_params, optimizer, diffusion = training.build(config)
-  abstract = jax.eval_shape(lambda k: training.init_state(config, optimizer, k), jax.random.key(0))
-  shardings = parallel.state_sharding(mesh, abstract)
-  state = jax.jit(lambda k: training.init_state(config, optimizer, k), out_shardings=shardings)(
-    jax.random.key(0)
-  )
   step_fn = training.jit_train_step(
     training.make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings
   )
@@ -92,14 +62,14 @@ def jax_worker(steps: int) -> dict:
 
   for _ in range(3):
     step()
-  t = _median_step_time(step, steps)
+  t = baseline.median_time(step, steps)
 
   # Large matmuls on the same devices, one per device: what XLA's CPU backend does at best.
   n = 2048
   a = jax.device_put(jnp.ones((mesh.size, n, n), jnp.float32), parallel.batch_sharding(mesh))
   mm = jax.jit(lambda a: a @ a)
   mm(a).block_until_ready()
-  t_mm = _median_step_time(lambda: mm(a).block_until_ready(), 10)
+  t_mm = baseline.median_time(lambda: mm(a).block_until_ready(), 10)
   return {
     "img_s": BATCH / t,
     "params": models.count_params(abstract_params),
@@ -110,32 +80,10 @@ def jax_worker(steps: int) -> dict:
   }
 
 
-# ----------------------------------------------------------------------------- torch worker
-
-_STANDINS = {
-  "torchvision/__init__.py": "import types\ntransforms = types.SimpleNamespace()\n"
-  "utils = types.SimpleNamespace()\n",
-  "pytorch_fid/__init__.py": "",
-  "pytorch_fid/inception.py": "class InceptionV3:\n  pass\n",
-}
-
-
 def torch_worker(steps: int, target_params: int) -> dict:
   import torch
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  from denoising_diffusion_pytorch import GaussianDiffusion, Unet
-
-  def build(dim):
-    return Unet(dim=dim, dim_mults=(1, 2, 2), channels=1, flash_attn=False)
-
-  def count(m):
-    return sum(p.numel() for p in m.parameters())
-
-  # GroupNorm(8) needs dim % 8 == 0: the multiple of 8 nearest in parameters.
-  dim = min(range(8, 129, 8), key=lambda d: abs(count(build(d)) - target_params))
-  unet = build(dim)
-  diffusion = GaussianDiffusion(unet, image_size=SIZE, timesteps=1000, objective="pred_noise")
+  diffusion, info = baseline.lucidrains_diffusion(target_params, SIZE)
   opt = torch.optim.Adam(diffusion.parameters(), lr=2e-4)
   x = torch.rand(BATCH, 1, SIZE, SIZE)  # its forward maps [0, 1] to [-1, 1] itself
 
@@ -147,18 +95,10 @@ def torch_worker(steps: int, target_params: int) -> dict:
 
   for _ in range(3):
     step()
-  t = _median_step_time(step, steps)
-  return {"img_s": BATCH / t, "params": count(unet), "dim": dim, "threads": torch.get_num_threads()}
+  return {"img_s": BATCH / baseline.median_time(step, steps), **info}
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def _run(cmd, env=None) -> dict:
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if out.returncode != 0:
-    raise RuntimeError(f"{cmd[2:]} failed:\n{out.stderr[-2000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -177,24 +117,15 @@ def main() -> None:
     return
 
   me = str(Path(__file__).resolve())
-  standins = Path(tempfile.mkdtemp(prefix="bench_standins_"))
-  for rel, text in _STANDINS.items():
-    (standins / rel).parent.mkdir(parents=True, exist_ok=True)
-    (standins / rel).write_text(text)
-  torch_env = dict(os.environ, PYTHONPATH=str(standins), OMP_WAIT_POLICY="PASSIVE")
-  has_torch = (
-    subprocess.run(
-      [args.torch_python, "-c", "import torch, denoising_diffusion_pytorch"],
-      env=torch_env, capture_output=True,
-    ).returncode == 0
-  )  # fmt: skip
+  torch_env = baseline.torch_env()
+  has_torch = baseline.has_torch(args.torch_python, torch_env)
 
   rows = []
   for r in range(args.rounds):
-    j = _run([sys.executable, me, "--worker", "jax", "--steps", str(args.steps)])
+    j = baseline.run_worker([sys.executable, me, "--worker", "jax", "--steps", str(args.steps)])
     t = None
     if has_torch:
-      t = _run(
+      t = baseline.run_worker(
         [args.torch_python, me, "--worker", "torch", "--steps", str(args.steps),
          "--target_params", str(j["params"])], env=torch_env,
       )  # fmt: skip

@@ -9,23 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from configs import tiny
 from jaxdiff import data, parallel, trainer, training
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-  """48 random 8x8 grey PNGs in two class folders: a dataset that needs no download."""
-  root = tmp_path_factory.mktemp("images")
-  rng = np.random.default_rng(0)
-  for i in range(48):
-    folder = root / f"class{i % 2}"
-    folder.mkdir(exist_ok=True)
-    pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
-    Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
-  return root
 
 
 def _config(image_dir=None, **overrides):
