@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.log_every = 50
   training.sample_every = 5000
+  training.tensorboard = False  # also write TensorBoard scalars (needs jaxdiff[tensorboard])
 
   # ---------------------------------------------------------------- sampling
   config.sampling = sampling = ml_collections.ConfigDict()

@@ -49,10 +49,24 @@ def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 class MetricsLog:
-  """``metrics.jsonl``: one JSON object per logged step, appended and flushed."""
+  """``metrics.jsonl``: one JSON object per logged step, appended and flushed.
 
-  def __init__(self, path: Path, enabled: bool):
+  With ``tensorboard_dir``, the same scalars also go to TensorBoard (flax's
+  writer, which needs TensorFlow: ``pip install 'jaxdiff[tensorboard]'``).
+  """
+
+  def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
     self.path, self.enabled = path, enabled
+    self._tb = None
+    if enabled and tensorboard_dir is not None:
+      try:
+        from flax.metrics import tensorboard
+      except ImportError as e:
+        raise ImportError(
+          f"training.tensorboard=True needs TensorFlow ({e}); install it with"
+          " pip install 'jaxdiff[tensorboard]', or set --config.training.tensorboard=False"
+        ) from None
+      self._tb = tensorboard.SummaryWriter(str(tensorboard_dir))
 
   def truncate_after(self, step: int) -> None:
     """Drops entries past ``step``: a resumed run re-logs them from the checkpoint on."""
@@ -66,6 +80,11 @@ class MetricsLog:
     if self.enabled:
       with self.path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for name, value in record.items():
+        if name != "step":
+          self._tb.scalar(name, value, record["step"])
+      self._tb.flush()
 
   def read(self) -> list[dict[str, Any]]:
     if not self.path.exists():
@@ -233,7 +252,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  metrics_log = MetricsLog(workdir / "metrics.jsonl", enabled=is_main)
+  metrics_log = MetricsLog(
+    workdir / "metrics.jsonl",
+    enabled=is_main,
+    tensorboard_dir=workdir / "tensorboard" if tcfg.tensorboard else None,
+  )
   latest = ckpt.latest_step()
   if latest is not None:
     state, data_state = ckpt.restore(abstract_state, shardings, latest)

@@ -22,6 +22,7 @@ def _train(workdir, image_dir, conditional=False):
   config.data.num_classes = 2
   config.model.class_conditional = conditional
   config.training.num_steps = 2
+  config.training.sample_every = 2  # the trainer's own EMA sample grids
   trainer.train(config, workdir)
   return workdir
 
@@ -34,6 +35,11 @@ def run(image_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def conditional_run(image_dir, tmp_path_factory):
   return _train(tmp_path_factory.mktemp("crun"), image_dir, conditional=True)
+
+
+def test_trainer_writes_sample_grids(run):
+  grid = Image.open(run / "samples" / "step_0000002.png")
+  assert grid.size[0] > 8  # a grid of 8x8 samples
 
 
 def test_same_seed_same_images_and_files(run, tmp_path):
