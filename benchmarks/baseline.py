@@ -108,3 +108,57 @@ def jax_fashion_model(batch_size: int):
     jax.random.key(0)
   )
   return config, mesh, graphdef, abstract_params, optimizer, diffusion, shardings, state
+
+
+# ----------------------------------------------------------------------------- torch workers
+# Run as ``python baseline.py train|ddim ...`` under an interpreter with torch (no JAX needed).
+
+
+def torch_train(batch: int, size: int, steps: int, target_params: int) -> dict:
+  """Images/s of denoising-diffusion-pytorch's training step (Adam, eps loss)."""
+  import torch
+
+  diffusion, info = lucidrains_diffusion(target_params, size)
+  opt = torch.optim.Adam(diffusion.parameters(), lr=2e-4)
+  x = torch.rand(batch, 1, size, size)  # its forward maps [0, 1] to [-1, 1] itself
+
+  def step():
+    loss = diffusion(x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  for _ in range(3):
+    step()
+  return {"img_s": batch / median_time(step, steps), **info}
+
+
+def torch_ddim(batch: int, size: int, steps: int, target_params: int) -> dict:
+  """Images/s of denoising-diffusion-pytorch's DDIM sampler (eta 0) with ``steps`` steps."""
+  import torch
+
+  diffusion, info = lucidrains_diffusion(
+    target_params, size, sampling_timesteps=steps, ddim_sampling_eta=0.0
+  )
+  diffusion.eval()
+
+  def run():
+    with torch.no_grad():
+      diffusion.sample(batch_size=batch)
+
+  run()
+  return {"img_s": batch / median_time(run, 3), **info}
+
+
+if __name__ == "__main__":
+  import argparse
+
+  p = argparse.ArgumentParser(description="denoising-diffusion-pytorch timing worker")
+  p.add_argument("what", choices=["train", "ddim"])
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--size", type=int, default=28)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--target_params", type=int, required=True)
+  a = p.parse_args()
+  worker = torch_train if a.what == "train" else torch_ddim
+  print(json.dumps(worker(a.batch, a.size, a.steps, a.target_params)))

@@ -82,22 +82,6 @@ def jax_ddim_worker(batch: int, steps: int) -> dict:
   return {"img_s": batch / t, "params": models.count_params(abstract_params)}
 
 
-def torch_ddim_worker(batch: int, steps: int, target_params: int) -> dict:
-  import torch
-
-  diffusion, info = baseline.lucidrains_diffusion(
-    target_params, 28, sampling_timesteps=steps, ddim_sampling_eta=0.0
-  )
-  diffusion.eval()
-
-  def run():
-    with torch.no_grad():
-      diffusion.sample(batch_size=batch)
-
-  run()
-  return {"img_s": batch / baseline.median_time(run, 3), **info}
-
-
 def vs_torch(args) -> None:
   me = str(Path(__file__).resolve())
   env = baseline.torch_env()
@@ -109,7 +93,7 @@ def vs_torch(args) -> None:
   for r in range(args.repeats):
     j = baseline.run_worker([sys.executable, me, "--worker", "jax", *common])
     t = baseline.run_worker(
-      [args.torch_python, me, "--worker", "torch", *common, "--target_params", str(j["params"])],
+      [args.torch_python, baseline.__file__, "ddim", *common, "--target_params", str(j["params"])],
       env=env,
     )
     rows.append((j, t))
@@ -146,14 +130,10 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--vs_torch", action="store_true", help="images/s against PyTorch DDIM")
   parser.add_argument("--torch_python", default=sys.executable, help="interpreter with torch")
-  parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
-  parser.add_argument("--target_params", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=["jax"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker == "jax":
     print(json.dumps(jax_ddim_worker(args.batch, args.steps)))
-    return
-  if args.worker == "torch":
-    print(json.dumps(torch_ddim_worker(args.batch, args.steps, args.target_params)))
     return
   if args.vs_torch:
     vs_torch(args)

@@ -80,24 +80,6 @@ def jax_worker(steps: int) -> dict:
   }
 
 
-def torch_worker(steps: int, target_params: int) -> dict:
-  import torch
-
-  diffusion, info = baseline.lucidrains_diffusion(target_params, SIZE)
-  opt = torch.optim.Adam(diffusion.parameters(), lr=2e-4)
-  x = torch.rand(BATCH, 1, SIZE, SIZE)  # its forward maps [0, 1] to [-1, 1] itself
-
-  def step():
-    loss = diffusion(x)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-  for _ in range(3):
-    step()
-  return {"img_s": BATCH / baseline.median_time(step, steps), **info}
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -106,14 +88,10 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--torch_python", default=sys.executable, help="interpreter with torch")
-  p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
-  p.add_argument("--target_params", type=int, default=0, help=argparse.SUPPRESS)
+  p.add_argument("--worker", choices=["jax"], help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker == "jax":
     print(json.dumps(jax_worker(args.steps)))
-    return
-  if args.worker == "torch":
-    print(json.dumps(torch_worker(args.steps, args.target_params)))
     return
 
   me = str(Path(__file__).resolve())
@@ -126,7 +104,7 @@ def main() -> None:
     t = None
     if has_torch:
       t = baseline.run_worker(
-        [args.torch_python, me, "--worker", "torch", "--steps", str(args.steps),
+        [args.torch_python, baseline.__file__, "train", "--steps", str(args.steps),
          "--target_params", str(j["params"])], env=torch_env,
       )  # fmt: skip
     rows.append((j, t))
