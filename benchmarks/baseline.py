@@ -102,11 +102,8 @@ def jax_fashion_model(batch_size: int):
   config.training.batch_size = batch_size
   mesh = parallel.make_mesh()
   graphdef, abstract_params, optimizer, diffusion = training.build(config)
-  abstract = jax.eval_shape(lambda k: training.init_state(config, optimizer, k), jax.random.key(0))
-  shardings = parallel.state_sharding(mesh, abstract)
-  state = jax.jit(lambda k: training.init_state(config, optimizer, k), out_shardings=shardings)(
-    jax.random.key(0)
-  )
+  shardings = parallel.state_sharding(mesh, training.abstract_state(config, optimizer))
+  state = training.create_state(config, optimizer, jax.random.key(0), shardings)
   return config, mesh, graphdef, abstract_params, optimizer, diffusion, shardings, state
 
 

@@ -142,9 +142,7 @@ def load_ema(
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   mesh = parallel.make_mesh() if mesh is None else mesh
   graphdef, _, optimizer, _ = training.build(config)
-  abstract = jax.eval_shape(
-    lambda k: training.init_state(config, optimizer, k), _stream(config.seed, _INIT)
-  )
+  abstract = training.abstract_state(config, optimizer)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
   try:
     available = ckpt.all_steps()
@@ -236,8 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   mesh = parallel.make_mesh()
   parallel.check_batch_size(tcfg.batch_size, mesh)
   graphdef, _, optimizer, diffusion = training.build(config)
-  init_key = _stream(config.seed, _INIT)
-  abstract_state = jax.eval_shape(lambda k: training.init_state(config, optimizer, k), init_key)
+  abstract_state = training.abstract_state(config, optimizer)
   shardings = parallel.state_sharding(mesh, abstract_state, fsdp=tcfg.fsdp)
 
   if is_main:
@@ -265,8 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     metrics_log.truncate_after(latest)
     print(f"resumed from {ckpt.directory} at step {latest}", flush=True)
   else:
-    init = jax.jit(lambda k: training.init_state(config, optimizer, k), out_shardings=shardings)
-    state = init(init_key)
+    state = training.create_state(config, optimizer, _stream(config.seed, _INIT), shardings)
   start = int(jax.device_get(state.step))
 
   step_fn = training.jit_train_step(
@@ -351,9 +347,7 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
   tcfg, dcfg = config.training, config.data
   local_batch = parallel.check_batch_size(tcfg.batch_size, mesh)
   graphdef, abstract_params, optimizer, diffusion = training.build(config)
-  abstract_state = jax.eval_shape(
-    lambda k: training.init_state(config, optimizer, k), _stream(config.seed, _INIT)
-  )
+  abstract_state = training.abstract_state(config, optimizer)
   shardings = parallel.state_sharding(mesh, abstract_state, fsdp=tcfg.fsdp)
   shape = (tcfg.batch_size, dcfg.image_size, dcfg.image_size, dcfg.channels)
   batch = {

@@ -110,6 +110,23 @@ def init_state(
   )
 
 
+def abstract_state(
+  config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
+) -> TrainState:
+  """The state's structure, shapes and dtypes as ``jax.ShapeDtypeStruct`` leaves; no memory."""
+  return jax.eval_shape(lambda k: init_state(config, optimizer, k), jax.random.key(0))
+
+
+def create_state(
+  config: ml_collections.ConfigDict,
+  optimizer: optax.GradientTransformation,
+  key: jax.Array,
+  shardings: Any,
+) -> TrainState:
+  """:func:`init_state` compiled to write each array straight into its sharding."""
+  return jax.jit(lambda k: init_state(config, optimizer, k), out_shardings=shardings)(key)
+
+
 def make_model_fn(graphdef: nnx.GraphDef, params: Any, labels: jax.Array | None, key=None):
   """``model_fn(x_t, t)`` for the diffusion maths: params, labels and dropout key closed over."""
   model = nnx.merge(graphdef, params)

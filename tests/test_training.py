@@ -38,11 +38,8 @@ def _batches(n, batch=8, seed=0):
 
 def _run_steps(config, mesh, batches, fsdp=False):
   graphdef, _, optimizer, diffusion = training.build(config)
-  abstract = jax.eval_shape(lambda k: training.init_state(config, optimizer, k), jax.random.key(0))
-  shardings = parallel.state_sharding(mesh, abstract, fsdp=fsdp)
-  state = jax.jit(lambda k: training.init_state(config, optimizer, k), out_shardings=shardings)(
-    jax.random.key(0)
-  )
+  shardings = parallel.state_sharding(mesh, training.abstract_state(config, optimizer), fsdp=fsdp)
+  state = training.create_state(config, optimizer, jax.random.key(0), shardings)
   step = training.jit_train_step(
     training.make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings
   )
@@ -124,7 +121,7 @@ def test_fsdp_shards_large_arrays_and_keeps_small_ones_whole():
   config = _config()
   config.model.ch = 64
   _, _, optimizer, _ = training.build(config)
-  abstract = jax.eval_shape(lambda k: training.init_state(config, optimizer, k), jax.random.key(0))
+  abstract = training.abstract_state(config, optimizer)
   shardings = parallel.state_sharding(mesh, abstract, fsdp=True)
   leaves = zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
   specs = [(x.shape, s.spec) for x, s in leaves]
