@@ -190,6 +190,53 @@ def calc_bpd_loop(
   }
 
 
+def calc_bpd_terms(
+  d: Diffusion,
+  model_fn: ModelFn,
+  x0: jax.Array,
+  keys: jax.Array,
+  t_indices: jax.Array,
+  *,
+  clip_denoised: bool = True,
+) -> dict[str, jax.Array]:
+  """The bound's terms at the timesteps ``t_indices`` only, with per-example noise.
+
+  The building block of a chunked evaluation (``jaxdiff.evaluate``): summing the ``vb`` of
+  chunks that cover ``0..T-1`` and adding ``prior_bpd`` gives the full bound. The noise of
+  example i at term t is drawn from ``fold_in(keys[i], t)``, so an example's terms depend on
+  neither its batch, the batch size, the device count nor how t is chunked.
+
+  Args:
+    d: the diffusion.
+    model_fn: ``model_fn(x_t, t) -> output``.
+    x0: ``[B, H, W, C]`` data in [-1, 1].
+    keys: ``[B]`` PRNG keys, one per example.
+    t_indices: ``[K]`` int timestep indices (one ``lax.scan`` over them).
+    clip_denoised: clip the model's x_0 estimates (True in the reference evaluations).
+
+  Returns:
+    dict of ``vb`` (bits/dim), ``xstart_mse`` and ``mse`` (of the implied noise), each ``[B, K]``.
+  """
+  B = x0.shape[0]
+
+  def term(carry: None, t_index: jax.Array) -> tuple[None, tuple[jax.Array, ...]]:
+    t = jnp.full((B,), t_index, dtype=jnp.int32)
+    noise = jax.vmap(
+      lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x0.shape[1:], x0.dtype)
+    )(keys)
+    x_t = q_sample(d, x0, t, noise)
+    terms = _vb_terms(d, model_fn(x_t, model_timesteps(d, t)), x0, x_t, t, clip_denoised)
+    eps = predict_eps_from_x0(d, x_t, t, terms["pred_x0"])
+    return carry, (
+      terms["output"],
+      mean_flat(jnp.square(terms["pred_x0"] - x0)),
+      mean_flat(jnp.square(eps - noise)),
+    )
+
+  _, (vb, xstart_mse, mse) = jax.lax.scan(term, None, jnp.asarray(t_indices, jnp.int32))
+  return {"vb": vb.T, "xstart_mse": xstart_mse.T, "mse": mse.T}  # [K, B] -> [B, K]
+
+
 def min_snr_weight(d: Diffusion, t: jax.Array, gamma: float) -> jax.Array:
   """Min-SNR-gamma loss weights (Hang et al. 2023) for the model's target, ``[B]``.
 

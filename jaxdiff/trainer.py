@@ -125,16 +125,23 @@ def model_apply(graphdef: Any) -> Callable[..., jax.Array]:
   return apply
 
 
-def load_ema(
-  workdir: str | Path, step: int | None = None, mesh: Any = None
-) -> tuple[ml_collections.ConfigDict, jax.tree_util.Partial]:
-  """A run's config and ``model_fn(x, t, y=None)`` holding its EMA parameters.
+PARAMS = ("ema", "raw")
+
+
+def load_model(
+  workdir: str | Path, step: int | None = None, mesh: Any = None, *, params: str = "ema"
+) -> tuple[ml_collections.ConfigDict, jax.tree_util.Partial, int]:
+  """A run's config, ``model_fn(x, t, y=None)`` holding its parameters, and their step.
 
   Args:
     workdir: the training run's directory (``config.json``, ``checkpoints/``).
     step: which checkpoint (default: the newest).
     mesh: restore the parameters replicated over this mesh (default: all devices).
+    params: "ema" (the EMA parameters, what samples and evaluations use) or "raw" (the
+      optimiser's current parameters).
   """
+  if params not in PARAMS:
+    raise ValueError(f"params={params!r}; allowed: {', '.join(PARAMS)}")
   workdir = Path(workdir)
   config_path = workdir / "config.json"
   if not config_path.exists():
@@ -153,8 +160,19 @@ def load_ema(
     state, _ = ckpt.restore(abstract, parallel.state_sharding(mesh, abstract), step)
   finally:
     ckpt.close()
-  print(f"loaded the EMA parameters of step {int(state.step)} from {ckpt.directory}", flush=True)
-  return config, jax.tree_util.Partial(model_apply(graphdef), state.ema_params)
+  step = int(state.step)
+  which = "EMA" if params == "ema" else "raw"
+  print(f"loaded the {which} parameters of step {step} from {ckpt.directory}", flush=True)
+  weights = state.ema_params if params == "ema" else state.params
+  return config, jax.tree_util.Partial(model_apply(graphdef), weights), step
+
+
+def load_ema(
+  workdir: str | Path, step: int | None = None, mesh: Any = None
+) -> tuple[ml_collections.ConfigDict, jax.tree_util.Partial]:
+  """``load_model`` for the EMA parameters: (config, model_fn)."""
+  config, model_fn, _ = load_model(workdir, step, mesh, params="ema")
+  return config, model_fn
 
 
 def sample_grid(
