@@ -22,7 +22,8 @@ What it does, in order, with every number from ``jaxdiff.evaluate``:
 5. Versus sampler: at the last checkpoint (EMA), DDPM 1000, DDIM 50/100 and DPM++ 10/20 steps,
    ``--fd_samples`` each, same seed; with the sampling time.
 
-Writes ``OUT/study.json`` (every record), ``OUT/training.png``, ``OUT/samplers.png`` and
+Writes ``OUT/study.json`` (every record), ``OUT/training.png``, ``OUT/samplers.png``,
+``OUT/bpd_terms.png`` (the bound's terms over t at the last ``--bpd_steps``, EMA) and
 ``OUT/samples.png`` (64 samples of each sampler, side by side), and
 prints the README's tables. Default OUT is ``benchmarks/results/fashion_mnist``.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         row.update(bpd=bpd["bpd"], bpd_stderr=bpd["bpd_stderr"], bpd_seconds=bpd["seconds"])
         per_example[params] = bpd["per_example_bpd"]
+        if params == "ema":
+          shutil.copyfile(bpd["files"][2], out / "bpd_terms.png")  # the last one stays
       if params == "raw" and len(per_example) == 2:
         # Paired: the same images and noise, so the difference is far sharper than either.
         diff = per_example["ema"] - per_example["raw"]

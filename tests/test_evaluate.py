@@ -134,3 +134,25 @@ def test_command_line_prints_one_json_line(run, capsys, tmp_path):
   assert json.loads(line)["bpd"] == result["bpd"] and result["num_examples"] == 8
   with pytest.raises(SystemExit):
     evaluate.main(["--workdir", str(run), "--metric", "psnr"])
+
+
+@pytest.mark.slow  # InceptionV3 at 299x299 on CPU
+def test_fid_with_the_inception_port(run, tmp_path):
+  """The standard-FID path end to end, with random weights in the documented file format."""
+  from jaxdiff import inception
+
+  weights = tmp_path / "inception.npz"
+  np.savez(weights, **inception.random_state_dict(0))
+  result = evaluate.sample_quality(
+    run,
+    num_samples=8,
+    sampler="ddim",
+    steps=2,
+    features="inception",
+    features_path=weights,
+    cache=tmp_path / "cache",
+    out="",
+    progress=False,
+  )
+  assert result["features"].startswith("inception-") and np.isfinite(result["fd"])
+  assert result["fd"] >= 0 and result["is_mean"] >= 1 - 1e-6

@@ -164,6 +164,7 @@ def _losses(workdir):
   ]
 
 
+@pytest.mark.slow  # three short training runs, ~50 s
 def test_resumed_run_logs_the_same_losses(image_dir, tmp_path):
   full = _config(image_dir, training__num_steps=6, training__checkpoint_every=2)
   trainer.train(full, tmp_path / "a")
