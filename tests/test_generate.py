@@ -57,6 +57,7 @@ def test_same_seed_same_images_and_files(run, tmp_path):
   assert not (tmp_path / "b" / "trajectory.gif").exists()
 
 
+@pytest.mark.slow  # compiles all five samplers; each is tested alone in test_sampling.py
 def test_every_sampler_runs_from_a_checkpoint(run, tmp_path):
   for sampler in ("ddpm", "ddim", "dpm++2m", "euler_maruyama", "pc"):
     out = generate(run, tmp_path / sampler, num_samples=4, sampler=sampler, steps=3,

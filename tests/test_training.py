@@ -133,6 +133,7 @@ def test_fsdp_shards_large_arrays_and_keeps_small_ones_whole():
   assert all(spec == jax.sharding.PartitionSpec() for shape, spec in specs if len(shape) <= 1)
 
 
+@pytest.mark.slow  # two more train-step compiles, ~16 s
 def test_gradient_accumulation_matches_the_full_batch():
   config = _config()
   batches = _batches(2)
