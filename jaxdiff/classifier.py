@@ -26,10 +26,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxdiff import data, parallel
+from jaxdiff import data, files, parallel
 from jaxdiff.features import FeatureNet, file_digest
 
 FORMAT_VERSION = 1
@@ -164,20 +162,8 @@ def save(path: str | Path, params: nnx.State, meta: dict[str, Any]) -> Path:
   arrays = _flat_params(params)
   meta = {**meta, "format_version": FORMAT_VERSION}
   arrays[META_KEY] = np.array(json.dumps(meta, sort_keys=True))
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-      umask = os.umask(0)
-      os.umask(umask)
-      os.fchmod(f.fileno(), 0o666 & ~umask)
-      _write_npz(f, arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    _write_npz(f, arrays)
   return path
 
 

@@ -34,9 +34,7 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,18 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from jaxdiff import data, diffusion, features, images, losses, metrics, parallel, sampling, trainer
+from jaxdiff import (
+  data,
+  diffusion,
+  features,
+  files,
+  images,
+  losses,
+  metrics,
+  parallel,
+  sampling,
+  trainer,
+)
 
 METRICS = ("bpd", "fid")
 DEFAULT_CACHE = "~/.cache/jaxdiff"
@@ -59,19 +68,6 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 def _slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-  """``write(tmp)`` then rename: a crash never leaves a half-written ``path``."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-  os.close(fd)
-  try:
-    write(Path(tmp))
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def read_examples(config: Any, split: str, num_examples: int | None) -> np.ndarray:
@@ -244,9 +240,12 @@ def bits_per_dim(
   if out_dir is not None and jax.process_index() == 0:
     stem = f"bpd_{_slug(split)}_n{n}_step{step}_{params}"
     result["files"] = [str(out_dir / f"{stem}.{ext}") for ext in ("json", "csv", "png")]
-    _write_atomic(out_dir / f"{stem}.json", lambda p: p.write_text(json.dumps(result) + "\n"))
-    _write_atomic(out_dir / f"{stem}.csv", lambda p: _write_terms_csv(p, terms))
-    _write_atomic(out_dir / f"{stem}.png", lambda p: plot_terms(terms, result, p))
+    with files.atomic_path(out_dir / f"{stem}.json") as p:
+      p.write_text(json.dumps(result) + "\n")
+    with files.atomic_path(out_dir / f"{stem}.csv") as p:
+      _write_terms_csv(p, terms)
+    with files.atomic_path(out_dir / f"{stem}.png") as p:
+      plot_terms(terms, result, p)
   return {**result, "terms": terms, "per_example_bpd": totals}
 
 
@@ -434,9 +433,10 @@ def sample_quality(
     stem = f"fid_{sampler}{steps}_n{num_samples}_step{step}_{params}_{net.name}"
     stem = _slug(stem)
     result["files"] = [str(out_dir / f"{stem}.{ext}") for ext in ("json", "png")]
-    _write_atomic(out_dir / f"{stem}.json", lambda p: p.write_text(json.dumps(result) + "\n"))
-    grid = images.make_grid(pixels[:64])
-    _write_atomic(out_dir / f"{stem}.png", lambda p: images.save_png(grid, p))
+    with files.atomic_path(out_dir / f"{stem}.json") as p:
+      p.write_text(json.dumps(result) + "\n")
+    with files.atomic_path(out_dir / f"{stem}.png") as p:
+      images.save_png(images.make_grid(pixels[:64]), p)
   return result
 
 

@@ -25,7 +25,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdiff import parallel
+from jaxdiff import files, parallel
 from jaxdiff.features import FeatureNet
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -145,18 +144,8 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats) -> None:
   Raises:
     OSError: the directory cannot be written.
   """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, mean=stats.mean, cov=stats.cov, num=np.int64(stats.num))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, mean=stats.mean, cov=stats.cov, num=np.int64(stats.num))
 
 
 def load_stats(path: str | os.PathLike) -> FeatureStats:
