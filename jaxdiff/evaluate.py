@@ -112,6 +112,17 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
 # ---------------------------------------------------------------- likelihood
 
 
+# Module-level jits: the model's parameters, the schedule and the data are arguments, so every
+# evaluation of the same shapes (other checkpoints, EMA or raw) reuses the compiled code.
+_chunk_terms = jax.jit(losses.calc_bpd_terms, static_argnames="clip_denoised")
+_prior_bpd = jax.jit(losses.prior_bpd)
+
+
+@jax.jit
+def _example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+
+
 def bits_per_dim(
   workdir: str | Path,
   *,
@@ -137,7 +148,7 @@ def bits_per_dim(
     checkpoint_step: which checkpoint (default: the newest).
     params: "ema" or "raw" parameters.
     t_chunk: timesteps per compiled scan (the progress bar's unit; not the result's).
-    out: output directory (default ``WORKDIR/eval``); None-like ``""`` writes nothing.
+    out: output directory (default ``WORKDIR/eval``); ``""`` writes nothing.
     progress: show a tqdm bar.
 
   Returns:
@@ -164,15 +175,6 @@ def bits_per_dim(
   # Fixed-length chunks (the last padded with t = T - 1, its columns dropped): one compile.
   chunks = [np.arange(s, min(s + k, T)) for s in range(0, T, k)]
 
-  @jax.jit
-  def chunk_terms(d, model_fn, x0, keys, t_indices):
-    return losses.calc_bpd_terms(d, model_fn, x0, keys, t_indices, clip_denoised=ecfg.clip_denoised)
-
-  @jax.jit
-  def example_keys(key, index):
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-
-  prior_fn = jax.jit(losses.prior_bpd)
   key = jax.random.key(seed)
   sums = {name: np.zeros(T) for name in ("vb", "vb_sq", "xstart_mse", "mse")}
   totals = np.zeros(n)  # per-example bound
@@ -189,13 +191,16 @@ def bits_per_dim(
   for b in range(num_batches):
     lo, hi = b * batch, min((b + 1) * batch, n)
     x0 = _put(mesh, _pad_to(x_all[lo:hi], batch).astype(np.float32) / np.float32(127.5) - 1)
-    keys = example_keys(key, _put(mesh, np.arange(lo, lo + batch, dtype=np.int32)))
-    p = parallel.to_host(prior_fn(d, x0))[: hi - lo]
+    keys = _example_keys(key, _put(mesh, np.arange(lo, lo + batch, dtype=np.int32)))
+    p = parallel.to_host(_prior_bpd(d, x0))[: hi - lo]
     prior[lo:hi] = p
     totals[lo:hi] = p
     for ts in chunks:
       padded = _pad_to(ts, k)
-      terms = parallel.to_host(chunk_terms(d, model_fn, x0, keys, jnp.asarray(padded)))
+      terms = _chunk_terms(
+        d, model_fn, x0, keys, jnp.asarray(padded), clip_denoised=bool(ecfg.clip_denoised)
+      )
+      terms = parallel.to_host(terms)
       vb = terms["vb"][: hi - lo, : len(ts)].astype(np.float64)  # [b, K]
       totals[lo:hi] += vb.sum(axis=1)
       if ts[0] == 0:
