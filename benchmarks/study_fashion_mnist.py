@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
   net = evaluate.feature_net("classifier", None, config, args.cache_dir)
   from jaxdiff import classifier
 
-  _, meta = classifier.load(evaluate.cache_dir(args.cache_dir) / _classifier_file(config))
+  _, meta = classifier.load(evaluate.default_classifier_path(config, args.cache_dir))
   study: dict = {
     "config": "configs/fashion_mnist.py",
     "devices": f"{parallel.make_mesh().size} x {_device_kind()}",
@@ -192,11 +192,6 @@ def main(argv: list[str] | None = None) -> None:
   _save(out, study)
   plot(study, out)
   print(tables(study))
-
-
-def _classifier_file(config) -> str:
-  d = config.data
-  return f"classifier-{d.name}-{d.image_size}x{d.channels}.npz"
 
 
 def _device_kind() -> str:

@@ -305,6 +305,12 @@ def _check_features(kind: str, path: str | Path | None) -> None:
     )
 
 
+def default_classifier_path(config: Any, cache: str | Path | None = None) -> Path:
+  """Where ``feature_net("classifier", None, config)`` keeps the dataset's classifier."""
+  d = config.data
+  return cache_dir(cache) / f"classifier-{d.name}-{d.image_size}x{d.channels}.npz"
+
+
 def feature_net(
   kind: str, path: str | Path | None, config: Any, cache: str | Path | None = None
 ) -> features.FeatureNet:
@@ -317,7 +323,7 @@ def feature_net(
   if path:
     return features.load(kind, path)
   dcfg = config.data
-  default = cache_dir(cache) / f"classifier-{dcfg.name}-{dcfg.image_size}x{dcfg.channels}.npz"
+  default = default_classifier_path(config, cache)
   if not default.exists():
     from jaxdiff import classifier
 

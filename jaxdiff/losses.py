@@ -164,11 +164,32 @@ def calc_bpd_loop(
     dict with ``total_bpd`` ``[B]``, ``prior_bpd`` ``[B]``, and ``vb``,
     ``xstart_mse``, ``mse`` (of the implied noise), each ``[B, T]`` indexed by t.
   """
+  terms = _scan_terms(
+    d,
+    model_fn,
+    x0,
+    jnp.arange(d.num_timesteps),
+    lambda t_index: jax.random.normal(jax.random.fold_in(key, t_index), x0.shape, x0.dtype),
+    clip_denoised,
+  )
+  prior = prior_bpd(d, x0)
+  return {"total_bpd": jnp.sum(terms["vb"], axis=1) + prior, "prior_bpd": prior, **terms}
+
+
+def _scan_terms(
+  d: Diffusion,
+  model_fn: ModelFn,
+  x0: jax.Array,
+  t_indices: jax.Array,
+  noise_at: Callable[[jax.Array], jax.Array],
+  clip_denoised: bool,
+) -> dict[str, jax.Array]:
+  """One ``lax.scan`` over ``t_indices``: term t of the bound with noise ``noise_at(t)``."""
   B = x0.shape[0]
 
   def term(carry: None, t_index: jax.Array) -> tuple[None, tuple[jax.Array, ...]]:
     t = jnp.full((B,), t_index, dtype=jnp.int32)
-    noise = jax.random.normal(jax.random.fold_in(key, t_index), x0.shape, x0.dtype)
+    noise = noise_at(t_index)
     x_t = q_sample(d, x0, t, noise)
     terms = _vb_terms(d, model_fn(x_t, model_timesteps(d, t)), x0, x_t, t, clip_denoised)
     eps = predict_eps_from_x0(d, x_t, t, terms["pred_x0"])
@@ -178,16 +199,8 @@ def calc_bpd_loop(
       mean_flat(jnp.square(eps - noise)),
     )
 
-  _, (vb, xstart_mse, mse) = jax.lax.scan(term, None, jnp.arange(d.num_timesteps))
-  vb, xstart_mse, mse = vb.T, xstart_mse.T, mse.T  # [T, B] -> [B, T]
-  prior = prior_bpd(d, x0)
-  return {
-    "total_bpd": jnp.sum(vb, axis=1) + prior,
-    "prior_bpd": prior,
-    "vb": vb,
-    "xstart_mse": xstart_mse,
-    "mse": mse,
-  }
+  _, (vb, xstart_mse, mse) = jax.lax.scan(term, None, jnp.asarray(t_indices, jnp.int32))
+  return {"vb": vb.T, "xstart_mse": xstart_mse.T, "mse": mse.T}  # [K, B] -> [B, K]
 
 
 def calc_bpd_terms(
@@ -217,24 +230,13 @@ def calc_bpd_terms(
   Returns:
     dict of ``vb`` (bits/dim), ``xstart_mse`` and ``mse`` (of the implied noise), each ``[B, K]``.
   """
-  B = x0.shape[0]
 
-  def term(carry: None, t_index: jax.Array) -> tuple[None, tuple[jax.Array, ...]]:
-    t = jnp.full((B,), t_index, dtype=jnp.int32)
-    noise = jax.vmap(
+  def noise_at(t_index: jax.Array) -> jax.Array:
+    return jax.vmap(
       lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x0.shape[1:], x0.dtype)
     )(keys)
-    x_t = q_sample(d, x0, t, noise)
-    terms = _vb_terms(d, model_fn(x_t, model_timesteps(d, t)), x0, x_t, t, clip_denoised)
-    eps = predict_eps_from_x0(d, x_t, t, terms["pred_x0"])
-    return carry, (
-      terms["output"],
-      mean_flat(jnp.square(terms["pred_x0"] - x0)),
-      mean_flat(jnp.square(eps - noise)),
-    )
 
-  _, (vb, xstart_mse, mse) = jax.lax.scan(term, None, jnp.asarray(t_indices, jnp.int32))
-  return {"vb": vb.T, "xstart_mse": xstart_mse.T, "mse": mse.T}  # [K, B] -> [B, K]
+  return _scan_terms(d, model_fn, x0, t_indices, noise_at, clip_denoised)
 
 
 def min_snr_weight(d: Diffusion, t: jax.Array, gamma: float) -> jax.Array:
