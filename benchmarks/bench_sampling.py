@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baseline  # noqa: E402
 
-from jaxdiff import diffusion, sampling, schedules  # noqa: E402
+from jaxdiff import sampling  # noqa: E402
+from jaxdiff.core import diffusion, schedules  # noqa: E402
 
 
 def build(num_classes: int):
@@ -67,9 +68,9 @@ def build(num_classes: int):
 
 def jax_ddim_worker(batch: int, steps: int) -> dict:
   config, mesh, graphdef, abstract_params, _, d, _, state = baseline.jax_fashion_model(batch)
-  from jaxdiff import models, trainer
+  from jaxdiff import models
 
-  model_fn = jax.tree_util.Partial(trainer.model_apply(graphdef), state.params)
+  model_fn = models.bind(graphdef, state.params)
   shape = (batch, 28, 28, 1)
 
   def run():

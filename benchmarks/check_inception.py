@@ -1,11 +1,12 @@
 """Checks jaxdiff's FID InceptionV3 against pytorch-fid's own modules on random weights.
 
-Writes a random state dict (``jaxdiff.inception.random_state_dict``) and random images, runs
-pytorch-fid's FID Inception (``fid_inception_v3``'s architecture, built without downloading
-weights, loaded with ``load_state_dict(strict=True)``) in a subprocess under ``--torch_python``,
-and prints the largest absolute and relative differences of pool3 features and logits. Inputs
-at 299x299 go straight in; other sizes are resized on each side (``F.interpolate`` bilinear,
-``align_corners=False`` vs :func:`jaxdiff.inception.prepare_images`).
+Writes a random state dict (``jaxdiff.evaluation.inception.random_state_dict``) and random
+images, runs pytorch-fid's FID Inception (``fid_inception_v3``'s architecture, built without
+downloading weights, loaded with ``load_state_dict(strict=True)``) in a subprocess under
+``--torch_python``, and prints the largest absolute and relative differences of pool3 features
+and logits. Inputs at 299x299 go straight in; other sizes are resized on each side
+(``F.interpolate`` bilinear, ``align_corners=False`` vs
+:func:`jaxdiff.evaluation.inception.prepare_images`).
 
 Usage::
 
@@ -147,7 +148,7 @@ def main() -> int:
 
   import jax
 
-  from jaxdiff import inception
+  from jaxdiff.evaluation import inception
 
   rng = np.random.default_rng(args.seed)
   sizes = [int(s) for s in args.sizes.split(",")]

@@ -5,12 +5,13 @@ Run from the repository root (the run's checkpoints are reused if ``--workdir`` 
 
   python benchmarks/study_fashion_mnist.py --workdir runs/study_fashion_mnist
 
-What it does, in order, with every number from ``jaxdiff.evaluate``:
+What it does, in order, with every number from ``jaxdiff.evaluation``'s evaluators:
 
 1. Trains ``configs/fashion_mnist.py`` (the README's main job) into ``--workdir``, keeping a
    checkpoint every ``--checkpoint_every`` steps; skipped if the run is complete.
-2. Gets the feature network: jaxdiff's Fashion-MNIST classifier (trained on first use and
-   cached; its test accuracy is recorded).
+2. Gets the feature network: jaxdiff's Fashion-MNIST classifier from the cache (this script
+   trains it first if it is not there, as ``--train_classifier`` does; its test accuracy is
+   recorded).
 3. The *data floor*: the Fréchet distance of ``--fd_samples`` real training images to the test
    set's statistics. A perfect model would score about this at that sample count, because the
    distance is biased upwards at small N.
@@ -65,18 +66,19 @@ def _steps(text: str) -> list[int]:
 
 def _train(workdir: Path, checkpoint_every: int) -> None:
   from configs import fashion_mnist
-  from jaxdiff import checkpointing, trainer
+  from jaxdiff import training
+  from jaxdiff.io import checkpoints
 
   config = fashion_mnist.get_config()
   config.training.checkpoint_every = checkpoint_every
   config.training.keep_checkpoints = config.training.num_steps // checkpoint_every + 1
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
   latest = ckpt.latest_step()
   ckpt.close()
   if latest == config.training.num_steps:
     print(f"{workdir}: trained to step {latest}, reusing it", flush=True)
     return
-  trainer.train(config, workdir)
+  training.train(config, workdir)
 
 
 def _minutes_at(workdir: Path) -> dict[int, float]:
@@ -90,72 +92,82 @@ def _minutes_at(workdir: Path) -> dict[int, float]:
   return out
 
 
-def _data_floor(config, net, n: int, cache) -> float:
-  from jaxdiff import evaluate, metrics
+def _classifier(config, cache):
+  """The dataset's default classifier (trained first if missing) and its metadata."""
+  from jaxdiff import evaluation
+  from jaxdiff.training import classifier as classifier_training
 
-  ref, _ = metrics.reference_stats(
-    net, config, split="test", cache_dir=evaluate.cache_dir(cache), progress=False
+  path = evaluation.default_classifier_path(config.data, cache)
+  if not path.is_file():
+    print(f"no classifier at {path}: training one", flush=True)
+    classifier_training.train(config, path)
+  _, meta = evaluation.classifier.load(path)
+  return evaluation.feature_net("classifier", path, config.data, cache), meta
+
+
+def _data_floor(config, net, reference, n: int) -> float:
+  from jaxdiff import data, evaluation
+
+  real = data.read_examples(config.data, "train", n)  # uint8, scaled as samples are
+  feats, _ = evaluation.compute_features(net, real, batch_size=config.eval.batch_size)
+  return evaluation.frechet_distance(evaluation.feature_stats(feats), reference)
+
+
+def _fid(run, params: str, net, reference, n: int, sampler: str, steps: int, out: Path) -> dict:
+  """Sample quality of ``n`` samples, with the record and sample grid written into ``out``."""
+  from jaxdiff import evaluation
+  from jaxdiff.sampling import sample_from_config
+
+  model_fn = run.model_fn(params)
+
+  def sample_fn(key, num):
+    return sample_from_config(
+      run.config, run.diffusion, model_fn, key, num, mesh=run.mesh, sampler=sampler,
+      num_steps=steps,
+    )  # fmt: skip
+
+  record = evaluation.sample_quality(
+    sample_fn, net, reference, num_samples=n, batch_size=run.config.eval.batch_size, mesh=run.mesh
   )
-  real = evaluate.read_examples(config, "train", n).astype("float32") / 127.5 - 1
-  feats, _ = metrics.compute_features(net, real, batch_size=config.eval.batch_size)
-  return metrics.frechet_distance(metrics.feature_stats(feats), ref)
+  context = {"step": run.step, "params": params, "sampler": sampler, "steps": steps}
+  record = {"metric": "fid", **context, **record}
+  record["files"] = evaluation.write_fid(out, record)
+  return record
 
 
-def main(argv: list[str] | None = None) -> None:
-  args = _parse(argv)
-  workdir, out = Path(args.workdir), Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  from jaxdiff import evaluate, trainer
+def _bpd(run, params: str, images, out: Path) -> dict:
+  """Test bits/dim of ``images``, with the record, terms and plot written into ``out``."""
+  from jaxdiff import evaluation
 
-  started = time.perf_counter()
-  _train(workdir, args.checkpoint_every)
-  minutes = _minutes_at(workdir)
-  config, _, last = trainer.load_model(workdir)
-  net = evaluate.feature_net("classifier", None, config, args.cache_dir)
-  from jaxdiff import classifier
+  record = evaluation.bits_per_dim(
+    run.diffusion, run.model_fn(params), images, batch_size=len(images),
+    clip_denoised=run.config.eval.clip_denoised, mesh=run.mesh,
+  )  # fmt: skip
+  record = {"metric": "bpd", "step": run.step, "params": params, "split": "test", **record}
+  record["files"] = evaluation.write_bpd(out, record)
+  return record
 
-  _, meta = classifier.load(evaluate.default_classifier_path(config, args.cache_dir))
-  study: dict = {
-    "config": "configs/fashion_mnist.py",
-    "devices": f"{parallel.make_mesh().size} x {_device_kind()}",
-    "features": net.name,
-    "classifier_test_accuracy": meta.get("test_accuracy"),
-    "fd_samples": args.fd_samples,
-    "bpd_examples": args.bpd_examples,
-    "data_floor_fd": _data_floor(config, net, args.fd_samples, args.cache_dir),
-    "training": [],
-    "samplers": [],
-  }
-  print(f"data floor FD at N={args.fd_samples}: {study['data_floor_fd']:.3f}", flush=True)
+
+def _training_rows(args, workdir: Path, out: Path, study: dict, net, reference, minutes) -> None:
+  """Step 4 of the module docstring: bits/dim and FD versus training time, EMA and raw."""
+  from jaxdiff import data
+  from jaxdiff.run import load_run
+
   eval_dir = workdir / "eval"
-  common = dict(cache=args.cache_dir, out=eval_dir, progress=False)
-
-  for step in sorted(set(_steps(args.bpd_steps)) | set(_steps(args.fd_steps))):
+  bpd_steps, fd_steps = _steps(args.bpd_steps), _steps(args.fd_steps)
+  images = None
+  for step in sorted(set(bpd_steps) | set(fd_steps)):
+    run = load_run(workdir, step)
+    if images is None:
+      images = data.read_examples(run.config.data, "test", args.bpd_examples)
     per_example = {}
     for params in ("ema", "raw"):
       row = {"step": step, "minutes": minutes.get(step), "params": params}
-      if step in _steps(args.fd_steps):
-        fid = evaluate.sample_quality(
-          workdir,
-          checkpoint_step=step,
-          params=params,
-          num_samples=args.fd_samples,
-          sampler="dpm++2m",
-          steps=20,
-          **common,
-        )
+      if step in fd_steps:
+        fid = _fid(run, params, net, reference, args.fd_samples, "dpm++2m", 20, eval_dir)
         row.update(fd=fid["fd"], is_mean=fid["is_mean"])
-      if step in _steps(args.bpd_steps):
-        bpd = evaluate.bits_per_dim(
-          workdir,
-          checkpoint_step=step,
-          params=params,
-          split="test",
-          num_examples=args.bpd_examples,
-          batch_size=args.bpd_examples,
-          out=eval_dir,
-          progress=False,
-        )
+      if step in bpd_steps:
+        bpd = _bpd(run, params, images, eval_dir)
         row.update(bpd=bpd["bpd"], bpd_stderr=bpd["bpd_stderr"], bpd_seconds=bpd["seconds"])
         per_example[params] = bpd["per_example_bpd"]
         if params == "ema":
@@ -171,10 +183,39 @@ def main(argv: list[str] | None = None) -> None:
       study["training"].append(row)
       _save(out, study)
 
+
+def main(argv: list[str] | None = None) -> None:
+  args = _parse(argv)
+  workdir, out = Path(args.workdir), Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  from jaxdiff import evaluation
+  from jaxdiff.run import load_run
+
+  started = time.perf_counter()
+  _train(workdir, args.checkpoint_every)
+  minutes = _minutes_at(workdir)
+  run = load_run(workdir)
+  config = run.config
+  net, meta = _classifier(config, args.cache_dir)
+  reference, _ = evaluation.reference_stats(
+    net, config.data, split="test", cache_dir=evaluation.cache_dir(args.cache_dir)
+  )
+  study: dict = {
+    "config": "configs/fashion_mnist.py",
+    "devices": f"{parallel.make_mesh().size} x {_device_kind()}",
+    "features": net.name,
+    "classifier_test_accuracy": meta.get("test_accuracy"),
+    "fd_samples": args.fd_samples,
+    "bpd_examples": args.bpd_examples,
+    "data_floor_fd": _data_floor(config, net, reference, args.fd_samples),
+    "training": [],
+    "samplers": [],
+  }
+  print(f"data floor FD at N={args.fd_samples}: {study['data_floor_fd']:.3f}", flush=True)
+  _training_rows(args, workdir, out, study, net, reference, minutes)
+
   for sampler, steps in () if args.skip_samplers else SAMPLERS:
-    fid = evaluate.sample_quality(
-      workdir, num_samples=args.fd_samples, sampler=sampler, steps=steps, **common
-    )
+    fid = _fid(run, "ema", net, reference, args.fd_samples, sampler, steps, workdir / "eval")
     row = {
       "sampler": sampler,
       "steps": steps,
@@ -187,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     study["samplers"].append(row)
     _save(out, study)
 
-  study["step"] = last
+  study["step"] = run.step
   study["total_minutes"] = round((time.perf_counter() - started) / 60, 1)
   _save(out, study)
   plot(study, out)
@@ -208,13 +249,11 @@ def _save(out: Path, study: dict) -> None:
 
 def plot(study: dict, out: Path) -> None:
   """``training.png`` (bits/dim and FD over training, EMA vs raw) and ``samplers.png``."""
-  import matplotlib
   import numpy as np
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+  fig = Figure(figsize=(10, 3.6), dpi=120)
+  axes = fig.subplots(1, 2)
   for params, style in (("ema", "-o"), ("raw", "--s")):
     rows = [r for r in study["training"] if r["params"] == params]
     b = [r for r in rows if "bpd" in r]
@@ -245,11 +284,11 @@ def plot(study: dict, out: Path) -> None:
     secondary.set_xlabel("training minutes (this CPU)", fontsize=8)
   fig.tight_layout()
   fig.savefig(out / "training.png")
-  plt.close(fig)
 
   if not study["samplers"]:
     return
-  fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+  fig = Figure(figsize=(5.5, 3.6), dpi=120)
+  ax = fig.subplots()
   for r in study["samplers"]:
     ax.scatter(r["steps"], r["fd"], s=30)
     ax.annotate(
@@ -268,19 +307,18 @@ def plot(study: dict, out: Path) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out / "samplers.png")
-  plt.close(fig)
 
   from PIL import Image
 
   rows = study["samplers"]
-  fig, axes = plt.subplots(1, len(rows), figsize=(2.2 * len(rows), 2.5), dpi=120)
+  fig = Figure(figsize=(2.2 * len(rows), 2.5), dpi=120)
+  axes = fig.subplots(1, len(rows))
   for ax, r in zip(np.atleast_1d(axes), rows, strict=True):
     ax.imshow(np.asarray(Image.open(r["grid"])), cmap="gray")
     ax.set_title(f"{r['sampler']} {r['steps']}: FD {r['fd']:.1f}", fontsize=8)
     ax.axis("off")
   fig.tight_layout()
   fig.savefig(out / "samples.png")
-  plt.close(fig)
 
 
 def _step_minutes(study: dict):

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = "linear"  # see jaxdiff.schedules.SCHEDULES
+  diffusion.schedule = "linear"  # see jaxdiff.core.schedules.SCHEDULES
   diffusion.num_timesteps = 1000
   # None: the schedule's default (linear: 1e-4..0.02 scaled by 1000 / T).
   diffusion.beta_start = ml_collections.config_dict.placeholder(float)
@@ -104,9 +104,17 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- eval
   config.eval = ev = ml_collections.ConfigDict()
   ev.split = "test"
-  ev.num_examples = 1000
+  ev.num_examples = 1000  # bits/dim examples of `jaxdiff.cli.evaluate` (0 = the whole split)
   ev.batch_size = 128
   ev.clip_denoised = True
+  ev.features = "classifier"  # feature network for FD/IS: "classifier" | "inception"
+  ev.features_path = ""  # its weight file; "" = the cached classifier of the dataset
+  ev.cache_dir = ""  # reference statistics and classifiers; "" = $JAXDIFF_CACHE or ~/.cache/jaxdiff
+  # Evaluation inside training, of the EMA parameters the loop holds (no checkpoint read):
+  ev.every = 0  # steps between evaluations; 0 = none
+  ev.bpd_examples = 0  # bits/dim on this many fixed test images (0 = skip)
+  ev.fd_samples = 0  # FD/IS of this many samples drawn per config.sampling (0 = skip)
+  ev.best_metric = ""  # "bpd" | "fd": also keep the checkpoint that is best by it
 
   config.lock()
   return config

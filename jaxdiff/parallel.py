@@ -106,12 +106,24 @@ def state_sharding(mesh: Mesh, state: Any, *, fsdp: bool = False) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), size)), state)
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> int:
-  """The per-process batch; the global batch must split evenly over devices."""
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is >= ``n`` (batches to the device count)."""
+  return -(-n // multiple) * multiple
+
+
+def pad_to(x: np.ndarray, n: int) -> np.ndarray:
+  """Pads the leading axis to ``n`` by repeating the last element (the padding is discarded)."""
+  if len(x) >= n:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = "training.batch_size") -> int:
+  """The per-process batch; the global batch must be positive and split evenly over devices."""
   n_dev, n_proc = mesh.size, jax.process_count()
-  if global_batch % n_dev:
+  if global_batch < 1 or global_batch % n_dev:
     raise ValueError(
-      f"training.batch_size={global_batch} is not divisible by the {n_dev} devices of the"
+      f"{what}={global_batch} is not a positive multiple of the {n_dev} devices of the"
       f" mesh; use a multiple of {n_dev}"
     )
   return global_batch // n_proc
@@ -123,6 +135,28 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
   return {
     k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
   }
+
+
+def put_global(mesh: Mesh, x: np.ndarray) -> jax.Array:
+  """A host array held whole by every process, as a global array sharded on the batch axis."""
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """The same devices and names with Auto axes, as ``with_sharding_constraint`` in jit needs
+  (``jax.make_mesh`` defaults to Explicit axes)."""
+  if all(a == AxisType.Auto for a in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, batch_axis: int = 0) -> jax.Array:
+  """Inside jit: ``x`` split on ``batch_axis`` over the mesh's ``data`` axis (no-op without one)."""
+  if mesh is None:
+    return x
+  spec = [None] * x.ndim
+  spec[batch_axis] = DATA_AXIS
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
 def sync(name: str) -> None:

@@ -38,3 +38,54 @@ def image_dir(tmp_path_factory):
     pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
     Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
   return root
+
+
+def tiny_config(image_dir, **overrides):
+  """configs/tiny.py on the ``image_dir`` images (two classes); ``section__key=value`` overrides."""
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.data.name = "image_folder"
+  config.data.image_folder = str(image_dir)
+  config.data.num_classes = 2
+  for dotted, value in overrides.items():
+    section, key = dotted.split("__")
+    config[section][key] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(image_dir, tmp_path_factory):
+  """A tiny class-conditional run (two classes) trained 2 steps, with its checkpoint and sample
+  grid at step 2, shared by the tests that read a run (load_run, sample.py, the evaluate CLI).
+  EMA decay 0.5, so the EMA and raw parameters differ."""
+  from jaxdiff import training
+
+  config = tiny_config(
+    image_dir,
+    model__class_conditional=True,
+    training__num_steps=2,
+    training__sample_every=2,
+    training__ema_decay=0.5,
+    eval__batch_size=16,
+    eval__num_examples=12,
+  )
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  training.train(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def classifier_path(tmp_path_factory):
+  """A randomly initialised classifier for the ``image_dir`` images, in the classifier file
+  format: feature-network plumbing needs no trained network."""
+  import jax
+  from flax import nnx
+
+  from jaxdiff.evaluation import classifier
+
+  arch = {"image_size": 8, "widths": (8, 16), "convs_per_stage": 1, "feature_dim": 16}
+  arch["num_groups"] = 4
+  model = classifier.build_model(1, 2, jax.random.key(5), **arch)
+  meta = {"dataset": "image_folder", "channels": 1, "num_classes": 2, **arch}
+  return classifier.save(tmp_path_factory.mktemp("cls") / "classifier.npz", nnx.state(model), meta)

@@ -1,4 +1,5 @@
-"""The classifier feature network: training, the saved file, and the FeatureNet it loads as."""
+"""The classifier feature network: training (jaxdiff.training.classifier), the saved file and
+the FeatureNet it loads as (jaxdiff.evaluation.classifier), its accuracy on a split."""
 
 import json
 
@@ -9,7 +10,9 @@ import pytest
 from PIL import Image
 
 from configs import fashion_mnist, tiny
-from jaxdiff import classifier, data, features
+from jaxdiff import data
+from jaxdiff.evaluation import classifier, features
+from jaxdiff.training import classifier as training
 
 # Small enough that training and evaluating take seconds on the 8 simulated devices.
 ARCH = {"widths": (8, 16), "feature_dim": 16, "num_groups": 4}
@@ -33,7 +36,7 @@ def _all_images(config):
 @pytest.fixture(scope="module")
 def trained(image_dir, tmp_path_factory):
   path = tmp_path_factory.mktemp("classifier") / "clf.npz"
-  result = classifier.train(
+  result = training.train(
     _folder_config(image_dir),
     path,
     steps=STEPS,
@@ -64,14 +67,14 @@ def test_training_lowers_the_loss_on_a_fixed_batch(image_dir, trained):
   assert meta["format_version"] == classifier.FORMAT_VERSION
 
 
-def test_evaluate_counts_every_example_once(image_dir, trained):
+def test_accuracy_counts_every_example_once(image_dir, trained):
   config = _folder_config(image_dir)
   model, _ = classifier.load(trained[1])
   images, labels = _all_images(config)
   expected = float(jnp.mean(jnp.argmax(model(images)["logits"], -1) == labels))
   # 48 = 40 + a padded remainder of 8; and one batch bigger than the split.
   for batch_size in (40, 1000):
-    accuracy, count = classifier.evaluate(model, config, batch_size=batch_size)
+    accuracy, count = classifier.accuracy(model, config.data, batch_size=batch_size)
     assert count == 48
     assert accuracy == pytest.approx(expected, abs=1e-6)
 
@@ -148,7 +151,7 @@ def test_wrong_image_shape_is_a_clear_error(trained, shape):
   ("kwargs", "match"),
   [
     ({"steps": 0}, "steps must be an integer >= 1"),
-    ({"batch_size": 12}, "not divisible by the 8 devices"),
+    ({"batch_size": 12}, "batch_size=12 is not a positive multiple of the 8 devices"),
     ({"learning_rate": 0.0}, "learning_rate must be positive"),
     ({"widths": ()}, "at least one stage"),
   ],
@@ -156,7 +159,7 @@ def test_wrong_image_shape_is_a_clear_error(trained, shape):
 def test_bad_arguments(image_dir, tmp_path, kwargs, match):
   kwargs = {"steps": 2, "batch_size": 8, **kwargs}
   with pytest.raises(ValueError, match=match):
-    classifier.train(_folder_config(image_dir), tmp_path / "x.npz", progress=False, **kwargs)
+    training.train(_folder_config(image_dir), tmp_path / "x.npz", progress=False, **kwargs)
   assert not list(tmp_path.iterdir())
 
 
@@ -166,7 +169,7 @@ def test_dataset_without_classes_is_rejected(tmp_path):
   for i in range(8):
     Image.fromarray(np.full((8, 8), i * 30, np.uint8), mode="L").save(folder / f"{i}.png")
   with pytest.raises(ValueError, match="1 class"):
-    classifier.train(_folder_config(folder), tmp_path / "x.npz", steps=2, batch_size=8)
+    training.train(_folder_config(folder), tmp_path / "x.npz", steps=2, batch_size=8)
 
 
 def test_load_rejects_other_files(tmp_path):
@@ -202,7 +205,7 @@ def test_default_training_on_fashion_mnist(tmp_path):
     data.dataset_info(config.data)
   except data.DatasetNotPreparedError as e:
     pytest.skip(str(e))
-  result = classifier.train(config, tmp_path / "fmnist.npz", progress=False)
+  result = training.train(config, tmp_path / "fmnist.npz", progress=False)
   assert result["test_examples"] == 10_000
   assert result["test_accuracy"] >= 0.85, result
   net = classifier.feature_net(result["path"])

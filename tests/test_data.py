@@ -1,18 +1,20 @@
-"""Tests for jaxdiff.data.
+"""Tests for jaxdiff.data: sources, the training pipeline and the split reader.
 
-Fast tests run the grain pipeline on in-memory sources and PNG/JPEG folders written here; they
-need no TensorFlow. Tests marked slow prepare the real Fashion-MNIST from ../shared/data (next to
-the repo) and need tensorflow-cpu (pip install 'jaxdiff[prepare]').
+Fast tests run the grain pipeline and the split reader on in-memory sources and PNG/JPEG folders
+written here; they need no TensorFlow. Tests marked slow prepare the real Fashion-MNIST from
+../shared/data (next to the repo) and need tensorflow-cpu (pip install 'jaxdiff[prepare]').
 """
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from PIL import Image
 
 from configs import default
 from jaxdiff import data
+from jaxdiff.data import pipeline, preparation
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_RAW = REPO.parent / "shared" / "data" / "fashion_mnist"
@@ -222,8 +225,8 @@ def test_image_folder_iterator_and_info(tmp_path):
 
 
 def test_unprepared_dataset_gives_one_clear_error(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_has_tensorflow", lambda: False)
-  monkeypatch.setattr(data, "_reachable", lambda *a, **k: False)  # never touch the network
+  monkeypatch.setattr(preparation, "_has_tensorflow", lambda: False)
+  monkeypatch.setattr(preparation, "_reachable", lambda *a, **k: False)  # never the network
   data_dir = tmp_path / "tfds"
   with pytest.raises(data.DatasetNotPreparedError) as e:
     data.prepare("mnist", data_dir=str(data_dir))
@@ -236,6 +239,7 @@ def test_unprepared_dataset_gives_one_clear_error(tmp_path, monkeypatch):
     "t10k-labels-idx1-ubyte.gz",
     "jaxdiff[prepare]",
     "TensorFlow is not installed",
+    "python -m jaxdiff.cli.prepare --name mnist",
   ]:
     assert part in message
   (tmp_path / "raw").mkdir()
@@ -246,6 +250,96 @@ def test_unprepared_dataset_gives_one_clear_error(tmp_path, monkeypatch):
     data.make_iterator(_config(name="mnist", data_dir=str(data_dir)), batch_size=8)
   assert not tfds.builder("mnist", data_dir=str(data_dir)).is_prepared()
   data.prepare("image_folder", data_dir=str(data_dir))  # nothing to prepare
+  with pytest.raises(ValueError, match="'fashion_mnistt' is neither 'image_folder' nor a tfds"):
+    data.make_source(_config(name="fashion_mnistt", data_dir=str(data_dir)).data, split="train")
+
+
+def test_workers_outside_absl_is_a_clear_error(monkeypatch):
+  # Library code leaves absl's global flag state alone; it says how to run with workers instead.
+  unparsed = SimpleNamespace(FLAGS=SimpleNamespace(is_parsed=lambda: False))
+  monkeypatch.setattr(pipeline, "flags", unparsed)
+  with pytest.raises(RuntimeError, match=r"absl\.app\.run.*mark_as_parsed.*num_workers = 0"):
+    data.make_dataset(_source(), seed=0, batch_size=8, num_workers=1)
+
+
+# ------------------------------------------------------------------------ the split reader
+
+
+def _read_all(reader: data.SplitReader) -> list[dict]:
+  return list(reader)
+
+
+def test_split_reader_order_padding_and_mask():
+  src = _source(21)
+  reader = data.SplitReader(src, batch_size=5, multiple=4, process_index=0, process_count=1)
+  assert (reader.batch_size, reader.local_batch_size, len(reader)) == (8, 8, 3)  # 5 -> 8
+  batches = _read_all(reader)
+  assert [b["index"].tolist() for b in batches] == [list(range(s, s + 8)) for s in (0, 8, 16)]
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.dtype == bool and mask.tolist() == [True] * 21 + [False] * 3
+  last = batches[-1]
+  assert last["label"].tolist() == [16, 17, 18, 19, 20, 0, 0, 0]
+  np.testing.assert_array_equal(last["image"][5:], -1)  # padding: black (pixel 0), masked
+  images = np.concatenate([b["image"] for b in batches])[mask]
+  raw = np.stack([r["image"] for r in src])
+  assert images.dtype == np.float32
+  np.testing.assert_array_equal(images, raw.astype(np.float32) / np.float32(127.5) - 1)  # exact
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  assert labels.dtype == np.int32 and labels.tolist() == list(range(21))
+
+
+def test_split_reader_caps_the_batch_at_the_examples_and_cuts_num_examples():
+  src = _source(40)
+  reader = data.SplitReader(src, batch_size=1000, num_examples=10, multiple=8, process_count=1)
+  assert (reader.batch_size, len(reader), reader.num_examples) == (16, 1, 10)
+  (batch,) = _read_all(reader)
+  assert batch["mask"].sum() == 10 and batch["label"][batch["mask"]].tolist() == list(range(10))
+  for bad in (0, 41):
+    with pytest.raises(ValueError, match=f"num_examples={bad}; the source has 1..40"):
+      data.SplitReader(src, batch_size=8, num_examples=bad)
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    data.SplitReader(src, batch_size=0)
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3, 4])
+def test_split_reader_processes_reassemble_in_example_order(process_count):
+  src = _source(23)
+  readers = [
+    data.SplitReader(src, batch_size=6, multiple=2, process_index=p, process_count=process_count)
+    for p in range(process_count)
+  ]
+  assert len({(r.batch_size, len(r)) for r in readers}) == 1  # every process runs the same steps
+  assert readers[0].batch_size % math.lcm(2, process_count) == 0
+  gathered = []
+  for step in zip(*map(_read_all, readers), strict=True):
+    assert len({b["image"].shape for b in step}) == 1  # equal shapes on every process
+    # What make_array_from_process_local_data + to_host do: process 0's rows first.
+    gathered.append({k: np.concatenate([b[k] for b in step]) for k in ("label", "mask", "index")})
+  index = np.concatenate([g["index"] for g in gathered])
+  np.testing.assert_array_equal(index, np.arange(len(index)))  # contiguous, in order
+  mask = np.concatenate([g["mask"] for g in gathered])
+  labels = np.concatenate([g["label"] for g in gathered])[mask]
+  assert labels.tolist() == list(range(23))  # every example exactly once, in order
+
+
+def test_array_source_and_read_examples(image_dir):
+  pixels = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
+  (batch,) = data.SplitReader(data.ArraySource(pixels), batch_size=8, process_count=1)
+  np.testing.assert_array_equal(batch["image"][:5], pixels.astype(np.float32) / 127.5 - 1)
+  floats = np.linspace(-1, 1, 5 * 4, dtype=np.float32).reshape(5, 2, 2, 1)
+  (batch,) = data.SplitReader(data.ArraySource(floats), batch_size=8, process_count=1)
+  np.testing.assert_array_equal(batch["image"][:5], floats)  # model-space input passes through
+  with pytest.raises(ValueError, match="NHWC"):
+    data.ArraySource(np.zeros((5, 2, 2)))
+
+  config = _config(name="image_folder", image_folder=str(image_dir), image_size=8, channels=1)
+  source = data.make_source(config.data, split="train")
+  first = data.read_examples(config.data, "test", 7)  # an image folder is one split
+  assert first.shape == (7, 8, 8, 1) and first.dtype == np.uint8
+  np.testing.assert_array_equal(first, np.stack([source[i]["image"] for i in range(7)]))
+  assert len(data.read_examples(config.data, "train")) == 48
+  with pytest.raises(ValueError, match=r"num_examples=1000; split 'test' has 1\.\.48"):
+    data.read_examples(config.data, "test", 1000)
 
 
 # ------------------------------------------------------------------------ real data (slow)
@@ -347,7 +441,7 @@ def test_killed_prepare_leaves_nothing_prepared(tmp_path):
     [
       sys.executable,
       "-m",
-      "jaxdiff.data",
+      "jaxdiff.cli.prepare",
       "--name",
       "fashion_mnist",
       "--manual_dir",

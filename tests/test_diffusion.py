@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import diffusion as D
-from jaxdiff import schedules
+from jaxdiff.core import diffusion as D
+from jaxdiff.core import schedules
 from tests import reference as ref
 
 T = 1000

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from jaxdiff import files
+from jaxdiff.io import files
 
 
 def test_atomic_path_writes_with_plain_permissions_and_keeps_the_suffix(tmp_path):

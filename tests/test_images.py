@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import images
+from jaxdiff.io import images
 
 
 def test_to_uint8_inverts_the_model_scaling_exactly():

@@ -1,4 +1,4 @@
-"""Tests for the FID InceptionV3 port (jaxdiff.inception) on random weights.
+"""Tests for the FID InceptionV3 port (jaxdiff.evaluation.inception) on random weights.
 
 The comparison against pytorch-fid itself lives in benchmarks/check_inception.py (it needs
 torch); here each layer type is checked against an independent float64 NumPy reference, and the
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdiff import features, inception
+from jaxdiff.cli import convert_inception
+from jaxdiff.evaluation import featurenet, inception
 
 SIZE = 75  # the smallest input Inception accepts: the cheapest full forward pass
 
@@ -95,9 +96,10 @@ def test_num_batches_tracked_is_ignored_and_pth_is_refused(state_dict, tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
-def test_convert_without_torch_fails_clearly(tmp_path, capsys):
-  assert inception.main(["convert", str(tmp_path / "in.pth"), str(tmp_path / "out.npz")]) == 1
-  assert "needs PyTorch" in capsys.readouterr().err
+def test_convert_without_torch_fails_clearly(tmp_path):
+  with pytest.raises(SystemExit, match="^error: converting a .pth file needs PyTorch"):
+    convert_inception.main(["convert_inception", str(tmp_path / "in.pth"), str(tmp_path / "o.npz")])
+  assert not (tmp_path / "o.npz").exists()
 
 
 # ---- layers against float64 NumPy references ------------------------------------------------
@@ -211,7 +213,7 @@ def test_prepare_images_rejects_bad_channel_counts():
 
 
 def test_feature_net_outputs(net, weights_path, state_dict):
-  assert net.name == f"inception-{features.file_digest(weights_path)}-r{SIZE}"
+  assert net.name == f"inception-{featurenet.file_digest(weights_path)}-r{SIZE}"
   assert (net.feature_dim, net.num_classes) == (2048, 1008)
   assert isinstance(net.apply, jax.tree_util.Partial)
   out = net.apply(jnp.asarray(_images((2, 32, 32, 3))))

@@ -1,6 +1,5 @@
 """Losses and the variational bound against the float64 reference."""
 
-import functools
 import math
 
 import chex
@@ -9,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import diffusion as D
-from jaxdiff import losses as L
-from jaxdiff import schedules
-from jaxdiff import timestep_sampling as TSamp
+from jaxdiff.core import diffusion as D
+from jaxdiff.core import likelihood as LK
+from jaxdiff.core import losses as L
+from jaxdiff.core import schedules
+from jaxdiff.core import timesteps as TSamp
 from tests import reference as ref
 
 T = 50
@@ -36,10 +36,10 @@ def test_normal_kl_matches_reference_and_vanishes_for_identical_gaussians():
   rng = np.random.default_rng(0)
   m1, m2, lv1, lv2 = rng.standard_normal((4, 100))
   np.testing.assert_allclose(
-    L.normal_kl(m1, lv1, m2, lv2), ref.normal_kl(m1, lv1, m2, lv2), rtol=1e-5, atol=1e-6
+    LK.normal_kl(m1, lv1, m2, lv2), ref.normal_kl(m1, lv1, m2, lv2), rtol=1e-5, atol=1e-6
   )
-  np.testing.assert_allclose(L.normal_kl(m1, lv1, m1, lv1), 0.0, atol=1e-7)
-  assert float(jnp.min(L.normal_kl(m1, lv1, m2, lv2))) >= 0.0
+  np.testing.assert_allclose(LK.normal_kl(m1, lv1, m1, lv1), 0.0, atol=1e-7)
+  assert float(jnp.min(LK.normal_kl(m1, lv1, m2, lv2))) >= 0.0
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -49,7 +49,9 @@ def test_discretized_loglik_matches_reference(jit):
   means = np.clip(x + 0.05 * rng.standard_normal(x.shape), -1.2, 1.2)
   log_scales = rng.uniform(-6, 0, x.shape)
   fn = (
-    jax.jit(L.discretized_gaussian_log_likelihood) if jit else L.discretized_gaussian_log_likelihood
+    jax.jit(LK.discretized_gaussian_log_likelihood)
+    if jit
+    else LK.discretized_gaussian_log_likelihood
   )
   got = fn(jnp.asarray(x), jnp.asarray(means), jnp.asarray(log_scales))
   chex.assert_shape(got, x.shape)
@@ -62,10 +64,10 @@ def test_discretized_edge_buckets_extend_to_infinity():
   # A Gaussian far below -1 puts all its mass in the -1 bucket, and far above +1 in the +1 bucket.
   x = jnp.array([-1.0, 1.0, -1.0, 1.0])
   means = jnp.array([-9.0, 9.0, 9.0, -9.0])
-  got = L.discretized_gaussian_log_likelihood(x, means, jnp.zeros(4))
+  got = LK.discretized_gaussian_log_likelihood(x, means, jnp.zeros(4))
   np.testing.assert_allclose(got[:2], 0.0, atol=1e-6)
   np.testing.assert_allclose(
-    L.discretized_gaussian_log_likelihood(x, means / 3, jnp.zeros(4)),
+    LK.discretized_gaussian_log_likelihood(x, means / 3, jnp.zeros(4)),
     ref.discretized_loglik(np.asarray(x), np.asarray(means) / 3, 0.0),
     rtol=1e-4,
   )
@@ -73,7 +75,7 @@ def test_discretized_edge_buckets_extend_to_infinity():
   np.testing.assert_allclose(got[2:], math.log(1e-12), rtol=1e-6)
   # The bucket just inside an edge is an ordinary bin of width 2/255.
   x_in = jnp.array([-1.0 + 2 / 255, 1.0 - 2 / 255])
-  got_in = L.discretized_gaussian_log_likelihood(x_in, x_in, jnp.full(2, math.log(0.01)))
+  got_in = LK.discretized_gaussian_log_likelihood(x_in, x_in, jnp.full(2, math.log(0.01)))
   np.testing.assert_allclose(
     got_in, ref.discretized_loglik(np.asarray(x_in), np.asarray(x_in), math.log(0.01)), rtol=1e-5
   )
@@ -84,7 +86,7 @@ def test_discretized_edge_buckets_extend_to_infinity():
 )
 def test_decoder_bins_sum_to_one(mean, log_scale):
   grid = jnp.arange(256) / 127.5 - 1.0
-  logp = L.discretized_gaussian_log_likelihood(grid, mean, log_scale)
+  logp = LK.discretized_gaussian_log_likelihood(grid, mean, log_scale)
   total = float(jnp.sum(jnp.exp(logp.astype(jnp.float64) if jax.config.x64_enabled else logp)))
   # Bins below the 1e-12 floor add at most 256e-12.
   assert total == pytest.approx(1.0, abs=2e-5)
@@ -94,7 +96,7 @@ def test_decoder_is_accurate_in_the_right_tail():
   # Both bin edges far above the mean: the naive Phi(hi) - Phi(lo) is 1 - 1 = 0 in float32.
   x = jnp.array([0.6])
   got = float(
-    L.discretized_gaussian_log_likelihood(x, jnp.array([0.0]), jnp.array([math.log(0.1)]))[0]
+    LK.discretized_gaussian_log_likelihood(x, jnp.array([0.0]), jnp.array([math.log(0.1)]))[0]
   )
   want = float(ref.discretized_loglik(np.array([0.6]), np.array([0.0]), math.log(0.1))[0])
   assert got == pytest.approx(want, rel=1e-4)
@@ -104,7 +106,7 @@ def test_decoder_is_accurate_in_the_right_tail():
 def test_decoder_gradients_are_finite_at_the_edges():
   x = jnp.asarray(_pixels((64,)))
   g = jax.grad(
-    lambda m, s: jnp.sum(L.discretized_gaussian_log_likelihood(x, m, s)), argnums=(0, 1)
+    lambda m, s: jnp.sum(LK.discretized_gaussian_log_likelihood(x, m, s)), argnums=(0, 1)
   )(x * 0.9, jnp.full(x.shape, -2.0))
   chex.assert_tree_all_finite(g)
 
@@ -137,7 +139,7 @@ def test_vb_terms_bpd_matches_reference(mean_type, var_type):
   ] * rng.standard_normal(SHAPE)
   out = _model_output(var_type, SHAPE)
   for jit in (False, True):
-    fn = jax.jit(L.vb_terms_bpd, static_argnames="clip_denoised") if jit else L.vb_terms_bpd
+    fn = jax.jit(LK.vb_terms_bpd, static_argnames="clip_denoised") if jit else LK.vb_terms_bpd
     got = fn(
       d, jnp.asarray(out), jnp.asarray(x0), jnp.asarray(xt), jnp.asarray(ts), clip_denoised=True
     )
@@ -151,7 +153,7 @@ def test_vb_terms_bpd_matches_reference(mean_type, var_type):
 def test_prior_bpd_matches_reference():
   d = D.make_diffusion(BETAS)
   x0 = _pixels(SHAPE)
-  got = L.prior_bpd(d, jnp.asarray(x0))
+  got = LK.prior_bpd(d, jnp.asarray(x0))
   np.testing.assert_allclose(got, [ref.prior_bpd(BETAS, x) for x in x0], rtol=1e-4, atol=1e-7)
 
 
@@ -166,7 +168,7 @@ def test_calc_bpd_loop_total_is_sum_of_terms_and_matches_per_term_calls():
   key = jax.random.key(7)
   model = lambda x, t: 0.3 * x  # noqa: E731  a crude eps-model
 
-  run = jax.jit(chex.assert_max_traces(n=1)(lambda x, k: L.calc_bpd_loop(d, model, x, k)))
+  run = jax.jit(chex.assert_max_traces(n=1)(lambda x, k: LK.calc_bpd_loop(d, model, x, k)))
   out = run(x0, key)
   run(x0 * 0.5, jax.random.key(8))  # no retrace
   for name in ("vb", "xstart_mse", "mse"):
@@ -178,11 +180,11 @@ def test_calc_bpd_loop_total_is_sum_of_terms_and_matches_per_term_calls():
     t = jnp.full((SHAPE[0],), t_val)
     noise = jax.random.normal(jax.random.fold_in(key, t_val), x0.shape)
     x_t = D.q_sample(d, x0, t, noise)
-    want = L.vb_terms_bpd(d, model(x_t, t), x0, x_t, t)
+    want = LK.vb_terms_bpd(d, model(x_t, t), x0, x_t, t)
     np.testing.assert_allclose(out["vb"][:, t_val], want, rtol=1e-5)
     p = D.p_mean_variance(d, model(x_t, t), x_t, t)
     np.testing.assert_allclose(
-      out["xstart_mse"][:, t_val], L.mean_flat((p["pred_x0"] - x0) ** 2), rtol=1e-5
+      out["xstart_mse"][:, t_val], LK.mean_flat((p["pred_x0"] - x0) ** 2), rtol=1e-5
     )
   chex.assert_tree_all_finite(out)
 
@@ -192,7 +194,7 @@ def test_calc_bpd_terms_chunks_and_batches_do_not_change_an_examples_terms():
   x0 = jnp.asarray(_pixels(SHAPE))
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(SHAPE[0]))
   model = lambda x, t: 0.3 * x  # noqa: E731
-  run = jax.jit(lambda x, k, ts: L.calc_bpd_terms(d, model, x, k, ts))
+  run = jax.jit(lambda x, k, ts: LK.calc_bpd_terms(d, model, x, k, ts))
   full = run(x0, keys, jnp.arange(T))
   for name in ("vb", "xstart_mse", "mse"):
     chex.assert_shape(full[name], (SHAPE[0], T))
@@ -210,7 +212,7 @@ def test_calc_bpd_terms_chunks_and_batches_do_not_change_an_examples_terms():
     t = jnp.full((SHAPE[0],), t_val)
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(k, t_val), SHAPE[1:]) for k in keys])
     x_t = D.q_sample(d, x0, t, noise)
-    want = L.vb_terms_bpd(d, model(x_t, t), x0, x_t, t)
+    want = LK.vb_terms_bpd(d, model(x_t, t), x0, x_t, t)
     np.testing.assert_allclose(full["vb"][:, t_val], want, rtol=1e-5)
 
 
@@ -218,8 +220,8 @@ def test_perfect_eps_predictor_beats_a_bad_one():
   d = D.make_diffusion(BETAS, var_type="fixed_small")
   x0 = jnp.asarray(_pixels(SHAPE))
   key = jax.random.key(0)
-  good = L.calc_bpd_loop(d, _perfect_eps_model(d, x0), x0, key)
-  bad = L.calc_bpd_loop(d, lambda x, t: jnp.zeros_like(x), x0, key)
+  good = LK.calc_bpd_loop(d, _perfect_eps_model(d, x0), x0, key)
+  bad = LK.calc_bpd_loop(d, lambda x, t: jnp.zeros_like(x), x0, key)
   assert np.all(np.asarray(good["total_bpd"]) < np.asarray(bad["total_bpd"]))
   # With the exact mean and the true posterior variance, every KL term vanishes.
   np.testing.assert_allclose(good["vb"][:, 1:], 0.0, atol=2e-3)
@@ -234,7 +236,7 @@ def test_calc_bpd_loop_uses_the_original_timesteps_after_respacing():
     seen.append(t)
     return jnp.zeros_like(x)
 
-  L.calc_bpd_loop(d, model, jnp.zeros((1, 2, 2, 1)), jax.random.key(0))
+  LK.calc_bpd_loop(d, model, jnp.zeros((1, 2, 2, 1)), jax.random.key(0))
   # Traced once inside the scan: check the mapping on concrete values instead.
   np.testing.assert_array_equal(D.model_timesteps(d, jnp.arange(3)), [0, 10, 49])
   assert len(seen) == 1
@@ -266,7 +268,6 @@ def test_simple_losses_match_reference(mean_type, loss_type):
     d,
     _linear_model(0.7, None, None),
     jnp.asarray(x0),
-    jax.random.key(0),
     loss_type=loss_type,
     t=jnp.asarray(t),
     noise=jnp.asarray(noise),
@@ -293,10 +294,10 @@ def test_min_snr_weighting(mean_type):
   x0 = jnp.asarray(_pixels(SHAPE, with_edges=False))
   t = jnp.array([0, 25, T - 1])
   kw = dict(t=t, noise=jnp.ones(SHAPE))
-  plain = L.training_losses(d, _linear_model(0.5, None, None), x0, jax.random.key(0), **kw)["loss"]
-  weighted = L.training_losses(
-    d, _linear_model(0.5, None, None), x0, jax.random.key(0), min_snr_gamma=5.0, **kw
-  )["loss"]
+  plain = L.training_losses(d, _linear_model(0.5, None, None), x0, **kw)["loss"]
+  weighted = L.training_losses(d, _linear_model(0.5, None, None), x0, min_snr_gamma=5.0, **kw)[
+    "loss"
+  ]
   ab = ref.alpha_bar(BETAS)[np.asarray(t)]
   snr = ab / (1 - ab)
   w = np.minimum(snr, 5.0) / {"eps": snr, "x0": 1.0, "v": snr + 1}[mean_type]
@@ -308,9 +309,9 @@ def test_kl_loss_is_T_times_the_bound_term():
   x0 = jnp.asarray(_pixels(SHAPE))
   t, noise = jnp.array([0, 3, T - 1]), jax.random.normal(jax.random.key(1), SHAPE)
   model = _linear_model(0.2, 0.1, SHAPE[-1])
-  out = L.training_losses(d, model, x0, jax.random.key(0), loss_type="kl", t=t, noise=noise)
+  out = L.training_losses(d, model, x0, t, noise, loss_type="kl")
   x_t = D.q_sample(d, x0, t, noise)
-  want = L.vb_terms_bpd(d, model(x_t, t), x0, x_t, t, clip_denoised=False) * T
+  want = LK.vb_terms_bpd(d, model(x_t, t), x0, x_t, t, clip_denoised=False) * T
   np.testing.assert_allclose(out["loss"], want, rtol=1e-6)
 
 
@@ -320,9 +321,7 @@ def test_hybrid_loss_trains_the_variance_through_vb_only():
   t, noise = jnp.array([0, 3, T - 1]), jax.random.normal(jax.random.key(1), SHAPE)
 
   def part(a, b, name):
-    out = L.training_losses(
-      d, _linear_model(a, b, SHAPE[-1]), x0, jax.random.key(0), loss_type="hybrid", t=t, noise=noise
-    )
+    out = L.training_losses(d, _linear_model(a, b, SHAPE[-1]), x0, t, noise, loss_type="hybrid")
     return jnp.sum(out[name])
 
   g_vb = jax.grad(part, argnums=(0, 1))(0.3, 0.2, "vb")
@@ -334,14 +333,13 @@ def test_hybrid_loss_trains_the_variance_through_vb_only():
     d,
     _linear_model(0.3, 0.2, SHAPE[-1]),
     x0,
-    jax.random.key(0),
+    t,
+    noise,
     loss_type="hybrid",
-    t=t,
-    noise=noise,
   )
   np.testing.assert_allclose(out["loss"], out["simple"] + out["vb"], rtol=1e-6)
   x_t = D.q_sample(d, x0, t, noise)
-  vb = L.vb_terms_bpd(
+  vb = LK.vb_terms_bpd(
     d, _linear_model(0.3, 0.2, SHAPE[-1])(x_t, t), x0, x_t, t, clip_denoised=False
   )
   np.testing.assert_allclose(out["vb"], vb * T / 1000, rtol=1e-6)
@@ -349,27 +347,34 @@ def test_hybrid_loss_trains_the_variance_through_vb_only():
 
 def test_training_losses_checks_its_choices():
   x0 = jnp.zeros(SHAPE)
+  t, noise = jnp.zeros((SHAPE[0],), jnp.int32), jnp.zeros(SHAPE)
   model = _linear_model(1.0, 0.0, SHAPE[-1])
   with pytest.raises(
     ValueError, match=r"unknown loss_type 'mae'; allowed: mse, l1, huber, kl, hybrid"
   ):
-    L.training_losses(D.make_diffusion(BETAS), model, x0, jax.random.key(0), loss_type="mae")
+    L.training_losses(D.make_diffusion(BETAS), model, x0, t, noise, loss_type="mae")
   with pytest.raises(ValueError, match=r"gives the learned variance .* no training signal"):
-    L.training_losses(D.make_diffusion(BETAS, var_type="learned"), model, x0, jax.random.key(0))
+    L.training_losses(D.make_diffusion(BETAS, var_type="learned"), model, x0, t, noise)
   with pytest.raises(
     ValueError, match=r"'hybrid' trains a learned variance, but var_type is 'fixed_small'"
   ):
-    L.training_losses(D.make_diffusion(BETAS), model, x0, jax.random.key(0), loss_type="hybrid")
+    L.training_losses(D.make_diffusion(BETAS), model, x0, t, noise, loss_type="hybrid")
 
 
 def test_random_t_and_noise_are_reproducible_and_cover_the_range():
-  d = D.make_diffusion(BETAS)
   x0 = jnp.zeros((512, 2, 2, 1))
-  fn = jax.jit(functools.partial(L.training_losses, d, lambda x, t: x))
-  a, b = fn(x0, jax.random.key(3)), fn(x0, jax.random.key(3))
-  chex.assert_trees_all_equal(a, b)
-  t = np.asarray(a["t"])
+  fn = jax.jit(lambda a, b: TSamp.draw(a, b, x0, T))
+  a = fn(jax.random.key(3), jax.random.key(4))
+  chex.assert_trees_all_equal(a, fn(jax.random.key(3), jax.random.key(4)))
+  t = np.asarray(a.t)
   assert t.min() == 0 and t.max() == T - 1
+  chex.assert_shape(a.noise, x0.shape)
+  np.testing.assert_array_equal(a.weights, 1.0)  # uniform t: no importance weights
+  assert abs(float(jnp.mean(a.noise))) < 0.1 and float(jnp.std(a.noise)) == pytest.approx(1, 0.1)
+  # t and the noise come from their own keys: a new noise key leaves t alone.
+  b = fn(jax.random.key(3), jax.random.key(5))
+  np.testing.assert_array_equal(a.t, b.t)
+  assert not np.array_equal(a.noise, b.noise)
 
 
 # ----------------------------------------------------------------------------- importance sampling
@@ -403,14 +408,14 @@ def test_importance_history_is_a_ring_buffer():
 def test_training_losses_with_importance_sampling_is_jittable():
   d = D.make_diffusion(BETAS, var_type="learned_range")
   hist = TSamp.init(T)
+  x0 = jnp.zeros((8, 2, 2, 1))
 
   @jax.jit
   def step(hist, key):
-    out = L.training_losses(
-      d, _linear_model(0.5, 0.0, 1), jnp.zeros((8, 2, 2, 1)), key, loss_type="kl", loss_history=hist
-    )
-    return TSamp.update(hist, out["t"], out["unweighted_loss"]), out
+    draw = TSamp.draw(*jax.random.split(key), x0, T, hist)
+    out = L.training_losses(d, _linear_model(0.5, 0.0, 1), x0, draw.t, draw.noise, loss_type="kl")
+    return TSamp.update(hist, out["t"], out["loss"]), draw
 
-  hist, out = step(hist, jax.random.key(0))
+  hist, draw = step(hist, jax.random.key(0))
   assert int(hist.counts.sum()) == 8
-  np.testing.assert_allclose(out["loss"], out["unweighted_loss"])  # uniform while cold: weight 1
+  np.testing.assert_allclose(draw.weights, 1.0)  # uniform while cold: weight 1

@@ -1,9 +1,11 @@
-"""Tests for jaxdiff.metrics.
+"""Tests for jaxdiff.evaluation's statistics, feature extraction and reference statistics.
 
 References are independent float64 NumPy/SciPy computations: the Fréchet distance through
 ``scipy.linalg.sqrtm(S1 @ S2)`` (real part, the usual FID code), covariances through ``np.cov``,
 the Inception score through a direct softmax/KL loop.
 """
+
+import logging
 
 import chex
 import jax
@@ -13,8 +15,9 @@ import pytest
 import scipy.linalg
 
 from configs import tiny
-from jaxdiff import data, metrics
-from jaxdiff.features import FeatureNet
+from jaxdiff import data, evaluation
+from jaxdiff.evaluation import FeatureNet, reference
+from jaxdiff.evaluation import stats as metrics
 
 
 def _reference_fid(mu1, cov1, mu2, cov2) -> float:
@@ -278,33 +281,31 @@ def test_compute_features_pads_and_keeps_order():
   rng = np.random.default_rng(10)
   images = rng.uniform(-1, 1, size=(13, 8, 8, 1)).astype(np.float32)
   want = images.reshape(13, -1) @ proj
-  features, logits = metrics.compute_features(net, images, batch_size=5)
+  features, logits = evaluation.compute_features(net, images, batch_size=5)
   chex.assert_shape((features, logits), ((13, 6), (13, 3)))
   np.testing.assert_allclose(features, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(logits, features[:, :3])
   # An iterable of data-pipeline-style batches of varying sizes gives the same.
   batches = [{"image": images[:8]}, {"image": images[8:8]}, {"image": images[8:]}]
-  features2, _ = metrics.compute_features(net, batches, progress=True)
+  features2, _ = evaluation.compute_features(net, batches, progress=True)
   np.testing.assert_allclose(features2, features, rtol=1e-6, atol=1e-6)
+  # Rows the split reader masked out (padding) are dropped.
+  masked = [{"image": images, "mask": np.arange(13) % 3 != 0}]
+  features3, _ = evaluation.compute_features(net, masked)
+  np.testing.assert_allclose(features3, features[np.arange(13) % 3 != 0], rtol=1e-6, atol=1e-6)
+  # uint8 pixels are scaled exactly as the data pipeline scales them.
+  pixels = rng.integers(0, 256, (9, 8, 8, 1), dtype=np.uint8)
+  features4, _ = evaluation.compute_features(net, pixels, batch_size=16)
+  scaled = pixels.astype(np.float32) / np.float32(127.5) - 1
+  np.testing.assert_allclose(features4, scaled.reshape(9, -1) @ proj, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="no images"):
-    metrics.compute_features(net, [])
+    evaluation.compute_features(net, [])
   with pytest.raises(ValueError, match="NHWC"):
-    metrics.compute_features(net, np.zeros((4, 8, 8)))
+    evaluation.compute_features(net, np.zeros((4, 8, 8)))
 
 
-@pytest.mark.parametrize("process_count", [1, 3, 4])
-def test_array_batches_reassemble_in_order_across_processes(process_count):
-  # What compute_features does with an array on several processes, without the processes.
-  every = np.arange(11, dtype=np.float32)[:, None, None, None]
-  parts = [list(metrics._array_batches(every, 5, p, process_count)) for p in range(process_count)]
-  gathered = []
-  for step in zip(*parts, strict=True):
-    assert len({local.shape for local, _ in step}) == 1  # equal shapes on every process
-    gathered.append(np.concatenate([local for local, _ in step])[: step[0][1]])
-  np.testing.assert_array_equal(np.concatenate(gathered), every)
-
-
-def test_reference_stats_computes_then_loads_cache(image_dir, tmp_path, monkeypatch, capsys):
+def test_reference_stats_computes_then_loads_cache(image_dir, tmp_path, monkeypatch, caplog):
+  caplog.set_level(logging.INFO, logger="jaxdiff")
   config = _config(image_dir)
   config.data.random_flip = True  # must be ignored: reference statistics are unflipped
   net, proj = _fake_feature_net()
@@ -313,28 +314,29 @@ def test_reference_stats_computes_then_loads_cache(image_dir, tmp_path, monkeypa
   images = images.astype(np.float32) / np.float32(127.5) - np.float32(1)
   want = _stats(images.reshape(len(images), -1) @ proj)
 
-  # 48 images in batches of 20 (not a multiple of the 8 devices): padding on two levels.
-  stats, logits = metrics.reference_stats(
-    net, config, split="test[:50%]", cache_dir=tmp_path, batch_size=20, progress=False
+  # 48 images in batches of 20 (not a multiple of the 8 devices): rounded up, last one padded.
+  stats, logits = evaluation.reference_stats(
+    net, config.data, split="test[:50%]", cache_dir=tmp_path, batch_size=20
   )
   assert stats.num == 48
   chex.assert_shape(logits, (48, 3))
   np.testing.assert_allclose(stats.mean, want.mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats.cov, want.cov, rtol=1e-4, atol=1e-4)
-  path = metrics.reference_cache_path(net, config, split="test[:50%]", cache_dir=tmp_path)
+  path = evaluation.reference_cache_path(net, config.data, split="test[:50%]", cache_dir=tmp_path)
   assert path.parent == tmp_path and path.is_file()
-  assert path.name.startswith("image_folder_") and path.name.endswith("-test__50__-8-fake-proj.npz")
-  assert "computed" in capsys.readouterr().out
+  assert path.name.startswith("image_folder_") and path.name.endswith("-test_50-8-fake-proj.npz")
+  assert "computed" in caplog.text
 
   def fail(*args, **kwargs):
     raise AssertionError("reference statistics were recomputed despite the cache")
 
-  monkeypatch.setattr(metrics, "compute_features", fail)
-  cached, logits = metrics.reference_stats(
-    net, config, split="test[:50%]", cache_dir=tmp_path, batch_size=20
+  monkeypatch.setattr(reference, "compute_features", fail)
+  caplog.clear()
+  cached, logits = evaluation.reference_stats(
+    net, config.data, split="test[:50%]", cache_dir=tmp_path, batch_size=20
   )
   assert logits is None
-  assert str(path) in capsys.readouterr().out
+  assert str(path) in caplog.text and "loaded" in caplog.text
   np.testing.assert_array_equal(cached.mean, stats.mean)
   np.testing.assert_array_equal(cached.cov, stats.cov)
   assert cached.num == 48

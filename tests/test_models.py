@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from configs import cifar10, tiny
-from jaxdiff.models import build_model, count_params, dit_preset, layers, param_table
+from jaxdiff.models import Apply, bind, build_model, count_params, dit_preset, layers, param_table
 
 
 def _config(**overrides):
@@ -145,6 +145,23 @@ def test_output_shape_and_dtype(variant):
   chex.assert_shape(out, x.shape[:3] + (c,))
   chex.assert_type(out, jnp.float32)
   chex.assert_tree_all_finite(out)
+
+
+def test_bind_is_the_model_with_its_params_as_jit_arguments():
+  config = _config(**ONE_LEVEL)
+  x, t = _inputs(config)
+  model = _random_model(config)
+  graphdef, params = nnx.split(model)
+  fn = bind(graphdef, params)
+  assert isinstance(fn, jax.tree_util.Partial)
+  chex.assert_trees_all_close(fn(x, t), _apply(model, x, t), atol=1e-5, rtol=1e-5)  # eager vs jit
+  # Two binds of one architecture share a jitted caller's compiled code; the params are leaves.
+  assert Apply(graphdef) == fn.func and hash(Apply(graphdef)) == hash(fn.func)
+  traced = jax.jit(chex.assert_max_traces(n=1)(lambda f, x, t: f(x, t)))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  traced(fn, x, t)
+  out0 = traced(bind(graphdef, zeros), x, t)
+  chex.assert_trees_all_close(out0, jnp.zeros_like(out0))
 
 
 def test_scalar_timestep_is_broadcast():

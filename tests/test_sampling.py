@@ -15,7 +15,9 @@ Float32 samplers against float64 references: atol 1e-5 on O(1) values unless
 stated, looser where 1 / sqrt(alpha_bar) (up to ~160) multiplies rounding errors.
 """
 
+import doctest
 import functools
+from typing import NamedTuple
 
 import chex
 import jax
@@ -24,9 +26,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from jaxdiff import diffusion as D
+from configs import tiny
 from jaxdiff import sampling as S
-from jaxdiff import schedules
+from jaxdiff.core import diffusion as D
+from jaxdiff.core import schedules
 from tests import reference as ref
 
 T = 1000
@@ -234,7 +237,7 @@ SHAPE = (8, 2, 2, 1)
 
 
 def _steps_for(sampler):
-  return {"ddpm": 10, "ddim": 10, "dpm++2m": 10, "euler_maruyama": 10, "pc": 5}[sampler]
+  return {"ddpm": 10, "ddim": 10, "dpm++2m": 10, "euler_maruyama": 10, "pc": 5}.get(sampler, 5)
 
 
 def _run(sampler, key=0, **overrides):
@@ -507,3 +510,156 @@ def test_errors():
     S.sample(d, _toy_model, key, shape, x_T=jnp.zeros((3, 2, 2, 1)))
   with pytest.raises(ValueError, match=r"unknown predictor 'heun'"):
     S.make_sampler("pc", predictor="heun")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+class _RenoiseCarry(NamedTuple):
+  x: jax.Array
+  steps: jax.Array  # a second field: the carry beyond x is the sampler's own
+
+
+def _renoise_sampler(*, clip_denoised=True, scale=1.0):
+  """A sampler defined outside the package: jump to x0_hat, then re-noise to the previous level,
+  x_{t-1} = sqrt(ab_{t-1}) x0_hat + scale sqrt(1 - ab_{t-1}) z."""
+
+  def init(x_T, chain):
+    return _RenoiseCarry(x_T, jnp.zeros((), jnp.int32))
+
+  def step(carry, i, t_index, chain):
+    out, t = chain.model(carry.x, t_index)
+    x0 = D.p_mean_variance(chain.d, out, carry.x, t, clip_denoised=clip_denoised)["pred_x0"]
+    ab_prev = jnp.where(t > 0, chain.d.alphas_cumprod[jnp.maximum(t - 1, 0)], 1.0)
+    ab_prev = ab_prev.reshape(-1, 1, 1, 1)
+    z = chain.noise(jax.random.fold_in(chain.key, i))
+    x = jnp.sqrt(ab_prev) * x0 + scale * jnp.sqrt(1 - ab_prev) * z
+    return _RenoiseCarry(x, carry.steps + 1)
+
+  return S.Sampler(init, step)
+
+
+@pytest.fixture
+def renoise():
+  """The test's own sampler in the registry for one test: one call, no driver change."""
+  S.register_sampler(
+    "renoise", _renoise_sampler, spacing="ddim", options=("clip_denoised", "scale")
+  )
+  yield "renoise"
+  del S.REGISTRY["renoise"]
+
+
+def test_samplers_is_the_registrys_names(renoise):
+  assert "ddim" in S.SAMPLERS and "heun" not in S.SAMPLERS
+  assert ", ".join(S.SAMPLERS) == "ddpm, ddim, dpm++2m, euler_maruyama, pc, renoise"
+  assert tuple(S.REGISTRY) == S.SAMPLERS and len(S.SAMPLERS) == 6 and S.SAMPLERS[-1] == renoise
+  with pytest.raises(ValueError, match=r"sampler 'renoise' is already registered"):
+    S.register_sampler("renoise", _renoise_sampler)
+
+
+def test_every_registered_sampler_runs_through_sample():
+  for sampler in S.SAMPLERS:
+    x, traj = _run(sampler)  # compiled already by the chain tests above
+    chex.assert_shape(traj, (_steps_for(sampler) + 1, *SHAPE))
+    chex.assert_tree_all_finite(traj)
+    np.testing.assert_array_equal(traj[-1], x)
+
+
+def test_unknown_sampler_error_lists_the_registry(renoise):
+  allowed = r"allowed: ddpm, ddim, dpm\+\+2m, euler_maruyama, pc, renoise$"
+  d, key = _diffusion(), jax.random.key(0)
+  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; " + allowed):
+    S.sample(d, _toy_model, key, SHAPE, sampler="heun")
+  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; " + allowed):
+    S.sampler_timesteps(d, 10, sampler="heun")
+  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; " + allowed):
+    S.make_sampler("heun")
+
+
+def test_a_sampler_registered_outside_runs_through_sample(renoise):
+  d = _diffusion("eps")
+  # Its registered spacing is DDIM's stride: 1000 / 5 steps apart.
+  steps = S.sampler_timesteps(d, _steps_for(renoise), sampler=renoise)
+  assert steps == [0, 200, 400, 600, 800]
+  x_T = jnp.asarray(_rand(SHAPE, 7), jnp.float32)
+  x, traj = _run(renoise, x_T=x_T, scale=0.5)  # scale: its own option, through sample()
+  # The same chain in float64, with the driver's guidance and noise (step i: fold_in(key, i)).
+  key_steps = jax.random.split(jax.random.key(0))[1]
+  y, g, null = np.arange(SHAPE[0]) % 3, 2.0, 3
+  want = np.asarray(x_T, np.float64)
+  for i, k in enumerate(range(len(steps) - 1, -1, -1)):
+    t, xf = jnp.full(SHAPE[0], steps[k]), jnp.asarray(want, jnp.float32)
+    cond, uncond = (
+      np.asarray(_toy_model(xf, t, jnp.asarray(c)), np.float64) for c in (y, np.full_like(y, null))
+    )
+    eps = uncond + g * (cond - uncond)
+    x0 = np.clip((want - np.sqrt(1 - AB[steps[k]]) * eps) / np.sqrt(AB[steps[k]]), -1, 1)
+    ab_prev = AB[steps[k - 1]] if k > 0 else 1.0
+    z = np.asarray(jax.random.normal(jax.random.fold_in(key_steps, i), SHAPE), np.float64)
+    want = np.sqrt(ab_prev) * x0 + 0.5 * np.sqrt(1 - ab_prev) * z
+    np.testing.assert_allclose(traj[i + 1], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(x, traj[-1])
+  with pytest.raises(ValueError, match=r"sampler 'ddim' takes no option scale; its options: eta"):
+    S.sample(d, _toy_model, jax.random.key(0), SHAPE, sampler="ddim", scale=0.5)
+
+
+def test_package_example_runs():
+  result = doctest.testmod(S, optionflags=doctest.ELLIPSIS)
+  assert result.attempted >= 5 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------- run configs
+
+
+def _conditional_config(num_classes=3, guidance_scale=2.0):
+  config = tiny.get_config()
+  with config.unlocked():
+    config.model.class_conditional = True
+    config.data.num_classes = num_classes
+    config.sampling.guidance_scale = guidance_scale
+  return config
+
+
+def test_sampler_kwargs_reads_the_config():
+  config = tiny.get_config()  # unconditional, DDIM, 5 steps
+  want = dict(sampler="ddim", num_steps=5, eta=0.0, clip_denoised=True, guidance_scale=1.0)
+  want.update(null_label=None, temperature=1.0)
+  assert S.sampler_kwargs(config) == want
+  # None means "the config's value"; anything else overrides it.
+  assert S.sampler_kwargs(config, sampler=None, num_steps=None, eta=None) == want
+  got = S.sampler_kwargs(config, sampler="pc", num_steps=7, eta=0.5, temperature=0.7)
+  assert got == {**want, "sampler": "pc", "num_steps": 7, "eta": 0.5, "temperature": 0.7}
+  assert S.class_labels(config, 4) is None
+  # Class-conditional: the null label is num_classes, guidance comes from the config.
+  config = _conditional_config(num_classes=10, guidance_scale=3.0)
+  got = S.sampler_kwargs(config)
+  assert got == {**want, "guidance_scale": 3.0, "null_label": 10}
+  assert S.sampler_kwargs(config, guidance_scale=1.0)["guidance_scale"] == 1.0
+  np.testing.assert_array_equal(S.class_labels(config, 12), np.arange(12) % 10)
+  np.testing.assert_array_equal(S.class_labels(config, 3, class_label=7), [7, 7, 7])
+
+
+def test_sampler_kwargs_feed_sample():
+  """A class-conditional config's kwargs and labels are the options of the chain tests."""
+  config = _conditional_config(num_classes=3, guidance_scale=2.0)
+  with config.unlocked():
+    config.sampling.num_steps = 10
+  kw = S.sampler_kwargs(config, eta=1.0)
+  labels = S.class_labels(config, SHAPE[0])
+  x, _ = S.sample(
+    _diffusion("eps"), _toy_model, jax.random.key(0), SHAPE, labels=labels,
+    return_trajectory=True, **kw,
+  )  # fmt: skip
+  np.testing.assert_array_equal(x, _run("ddim", key=0)[0])
+
+
+def test_sampler_kwargs_errors():
+  config = tiny.get_config()
+  with pytest.raises(ValueError, match=r"guidance_scale=3.0 needs a class-conditional model"):
+    S.sampler_kwargs(config, guidance_scale=3.0)
+  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; allowed: ddpm, ddim"):
+    S.sampler_kwargs(config, sampler="heun")
+  with pytest.raises(ValueError, match=r"class_label=1 needs a class-conditional model"):
+    S.class_labels(config, 4, class_label=1)
+  with pytest.raises(ValueError, match=r"class_label=3 must be in 0..2"):
+    S.class_labels(_conditional_config(num_classes=3), 4, class_label=3)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxdiff import schedules
+from jaxdiff.core import schedules
 from tests import reference as ref
 
 CASES = [

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from jaxdiff import data, parallel, trainer, training
+from jaxdiff import data, parallel, training
+from jaxdiff.io import checkpoints
 
 
 def _config(image_dir=None, **overrides):
@@ -152,8 +153,11 @@ def test_importance_sampled_t_trains_and_fills_the_history():
 
 
 def test_bad_batch_size_is_a_clear_error():
-  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the 8 devices"):
-    parallel.check_batch_size(12, parallel.make_mesh(8))
+  mesh = parallel.make_mesh(8)
+  for bad in (12, 0):
+    with pytest.raises(ValueError, match=rf"batch_size={bad} is not a positive multiple of the 8"):
+      parallel.check_batch_size(bad, mesh)
+  assert parallel.check_batch_size(16, mesh) == 16
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -161,27 +165,25 @@ def test_bad_batch_size_is_a_clear_error():
 
 def _losses(workdir):
   return [
-    (r["step"], r["loss"]) for r in trainer.MetricsLog(workdir / "metrics.jsonl", True).read()
+    (r["step"], r["loss"]) for r in training.MetricsLog(workdir / "metrics.jsonl", True).read()
   ]
 
 
 @pytest.mark.slow  # three short training runs, ~50 s
 def test_resumed_run_logs_the_same_losses(image_dir, tmp_path):
   full = _config(image_dir, training__num_steps=6, training__checkpoint_every=2)
-  trainer.train(full, tmp_path / "a")
+  training.train(full, tmp_path / "a")
   # Interrupted after step 3 (a checkpoint at 2, metrics logged up to 3), then resumed.
   cut = _config(image_dir, training__num_steps=3, training__checkpoint_every=2)
-  trainer.train(cut, tmp_path / "b")
-  from jaxdiff import checkpointing
-
-  ckpt = checkpointing.Checkpointer(tmp_path / "b" / "checkpoints")
+  training.train(cut, tmp_path / "b")
+  ckpt = checkpoints.Checkpointer(tmp_path / "b" / "checkpoints")
   assert ckpt.all_steps() == [2, 3]
   ckpt.close()
   # Drop the final checkpoint, as if killed between step 3 and its save.
   import shutil
 
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "3")
-  trainer.train(full, tmp_path / "b")
+  training.train(full, tmp_path / "b")
   a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
   assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6]
   assert [s for s, _ in b] == [s for s, _ in a]  # step 3 was re-logged once, not twice
@@ -227,12 +229,10 @@ def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(image_dir, tmp_pat
   _inject(monkeypatch, 3, poison)
   config = _config(image_dir, training__num_steps=8, training__checkpoint_every=1)
   with pytest.raises(
-    trainer.NonFiniteLossError, match=r"non-finite loss=nan.* at step 3; .*step 2"
+    training.NonFiniteLossError, match=r"non-finite loss=nan.* at step 3; .*step 2"
   ):
-    trainer.train(config, tmp_path)
-  from jaxdiff import checkpointing
-
-  ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
+    training.train(config, tmp_path)
+  ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
   assert ckpt.latest_step() == 2
   ckpt.close()
 
@@ -244,10 +244,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(image_dir, tmp_path, monkeypatch):
 
   _inject(monkeypatch, 2, send_sigterm)
   config = _config(image_dir, training__num_steps=50, training__checkpoint_every=100)
-  trainer.train(config, tmp_path)
-  from jaxdiff import checkpointing
-
-  ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
+  training.train(config, tmp_path)
+  ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
   assert ckpt.latest_step() == 2
   ckpt.close()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
@@ -256,7 +254,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(image_dir, tmp_path, monkeypatch):
 @pytest.mark.slow  # imports TensorFlow
 def test_tensorboard_scalars(tmp_path):
   pytest.importorskip("tensorflow", reason="TensorBoard output needs jaxdiff[tensorboard]")
-  log = trainer.MetricsLog(tmp_path / "metrics.jsonl", True, tensorboard_dir=tmp_path / "tb")
+  log = training.MetricsLog(tmp_path / "metrics.jsonl", True, tensorboard_dir=tmp_path / "tb")
   log.write({"step": 1, "loss": 0.5, "lr": 1e-4})
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
   assert log.read() == [{"step": 1, "loss": 0.5, "lr": 1e-4}]

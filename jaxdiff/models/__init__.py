@@ -12,6 +12,7 @@ state, so ``nnx.split(model)`` yields parameters only::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -26,6 +27,8 @@ from jaxdiff.models.unet import UNet
 __all__ = [
   "DiT",
   "UNet",
+  "Apply",
+  "bind",
   "build_model",
   "count_params",
   "dit_preset",
@@ -111,6 +114,38 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
     num_groups=m.num_groups,
     **common,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Apply:
+  """``apply(params, x, t, y=None, *, key=None)``: the model of ``graphdef`` with ``params``.
+
+  Hashable and compared by its graphdef, so every ``Apply`` of one architecture shares jit
+  caches; the parameters stay an argument, never a constant baked into a program.
+  """
+
+  graphdef: nnx.GraphDef
+
+  def __call__(
+    self,
+    params: Any,
+    x: jax.Array,
+    t: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    key: jax.Array | None = None,
+  ) -> jax.Array:
+    return nnx.merge(self.graphdef, params)(x, t, y, key=key)
+
+
+def bind(graphdef: nnx.GraphDef, params: Any) -> jax.tree_util.Partial:
+  """The one binder of a graphdef and parameters into ``model_fn(x, t, y=None, *, key=None)``.
+
+  The result is a ``jax.tree_util.Partial``: a pytree whose leaves are the parameters, so a
+  jitted sampler or evaluator takes it as an argument and new parameters (another checkpoint,
+  the EMA or raw set) reuse the compiled code.
+  """
+  return jax.tree_util.Partial(Apply(graphdef), params)
 
 
 def _leaf_size(x: Any) -> int:

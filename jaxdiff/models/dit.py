@@ -139,6 +139,7 @@ class DiT(nnx.Module):
     rngs: parameter initialisation keys.
   """
 
+  # Long: a model constructor: its arguments, their checks, and its layers in order.
   def __init__(
     self,
     *,

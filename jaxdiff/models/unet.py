@@ -243,6 +243,7 @@ class UNet(nnx.Module):
     rngs: parameter initialisation keys.
   """
 
+  # Long: a model constructor: its arguments, their checks, and its layers in order.
   def __init__(
     self,
     *,
@@ -288,44 +289,22 @@ class UNet(nnx.Module):
     self.dtype = dtype
     self.remat = remat
     emb_dim = 4 * ch
-    num_levels = len(ch_mult)
-
-    def block(cin: int, cout: int, resample: str | None = None) -> nnx.Module:
-      if resblock == "convnext":
-        return ConvNeXtBlock(
-          cin,
-          cout,
-          emb_dim,
-          dropout=dropout,
-          mlp_ratio=mlp_ratio,
-          scale_shift_norm=scale_shift_norm,
-          dtype=dtype,
-          rngs=rngs,
-        )
-      return ResBlock(
-        cin,
-        cout,
-        emb_dim,
-        dropout=dropout,
-        num_groups=num_groups,
-        scale_shift_norm=scale_shift_norm,
-        resample=resample,
-        dtype=dtype,
-        rngs=rngs,
-      )
-
-    def attn(c: int, where: str) -> layers.SpatialAttention:
-      heads = layers.resolve_num_heads(c, num_heads, num_head_channels, where)
-      return layers.SpatialAttention(
-        c, num_heads=heads, num_groups=num_groups, kind=attention, dtype=dtype, rngs=rngs
-      )
-
-    def resampler(c: int, direction: str) -> nnx.Module:
-      if resblock == "biggan":
-        return block(c, c, resample=direction)
-      cls = Downsample if direction == "down" else Upsample
-      return cls(c, with_conv=resample_with_conv, dtype=dtype, rngs=rngs)
-
+    parts = _Parts(
+      emb_dim=emb_dim,
+      resblock=resblock,
+      dropout=dropout,
+      mlp_ratio=mlp_ratio,
+      scale_shift_norm=scale_shift_norm,
+      num_groups=num_groups,
+      resample_with_conv=resample_with_conv,
+      attention=attention,
+      num_heads=num_heads,
+      num_head_channels=num_head_channels,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    # Layers are created in the order they run: the order fixes which initialisation key
+    # each one draws.
     # Timestep embedding MLP: sinusoid(ch) -> Dense(4ch) -> SiLU -> Dense(4ch).
     self.temb_dense0 = nnx.Linear(ch, emb_dim, kernel_init=layers.ddpm_init, dtype=dtype, rngs=rngs)
     self.temb_dense1 = nnx.Linear(
@@ -335,47 +314,17 @@ class UNet(nnx.Module):
       nnx.Embed(num_classes + 1, emb_dim, dtype=dtype, rngs=rngs) if num_classes > 0 else None
     )
     self.conv_in = _conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
-
-    # Down path. `skip_ch` records the width of every tensor pushed on the skip stack.
-    skip_ch = [ch]
-    cur = ch
-    down = []
-    for i, mult in enumerate(ch_mult):
-      res = image_size // 2**i
-      blocks, attns = [], []
-      for j in range(num_res_blocks):
-        blocks.append(block(cur, ch * mult))
-        cur = ch * mult
-        if res in attn_resolutions:
-          attns.append(attn(cur, f"down level {i} block {j} (resolution {res})"))
-        skip_ch.append(cur)
-      resample = None
-      if i != num_levels - 1:
-        resample = resampler(cur, "down")
-        skip_ch.append(cur)
-      down.append(_Level(blocks, attns, resample))
+    widths = [ch * m for m in ch_mult]
+    sides = [image_size // 2**i for i in range(len(ch_mult))]
+    down, skip_ch = _down_levels(parts, ch, widths, sides, num_res_blocks, attn_resolutions)
     self.down = nnx.List(down)
-
-    self.mid_block1 = block(cur, cur)
-    self.mid_attn = attn(cur, "middle")
-    self.mid_block2 = block(cur, cur)
-
-    up = []
-    for i, mult in reversed(list(enumerate(ch_mult))):
-      res = image_size // 2**i
-      blocks, attns = [], []
-      for j in range(num_res_blocks + 1):
-        blocks.append(block(cur + skip_ch.pop(), ch * mult))
-        cur = ch * mult
-        if res in attn_resolutions:
-          attns.append(attn(cur, f"up level {i} block {j} (resolution {res})"))
-      resample = resampler(cur, "up") if i != 0 else None
-      up.append(_Level(blocks, attns, resample))
-    assert not skip_ch, "every skip connection must be consumed"
-    self.up = nnx.List(up)
-
-    self.norm_out = layers.group_norm(cur, num_groups, dtype=dtype, rngs=rngs)
-    self.conv_out = _conv(cur, out_channels, 3, zero=True, dtype=dtype, rngs=rngs)
+    cur = widths[-1]
+    self.mid_block1 = parts.block(cur, cur)
+    self.mid_attn = parts.attn(cur, "middle")
+    self.mid_block2 = parts.block(cur, cur)
+    self.up = nnx.List(_up_levels(parts, widths, sides, num_res_blocks, attn_resolutions, skip_ch))
+    self.norm_out = layers.group_norm(ch * ch_mult[0], num_groups, dtype=dtype, rngs=rngs)
+    self.conv_out = _conv(ch * ch_mult[0], out_channels, 3, zero=True, dtype=dtype, rngs=rngs)
 
   def _embed(self, t: Array, y: Array | None, key: Array | None) -> Array:
     emb = layers.timestep_embedding(t, self.ch)
@@ -439,6 +388,109 @@ class UNet(nnx.Module):
 
     h = self.conv_out(nnx.silu(self.norm_out(h)))
     return h.astype(jnp.float32)
+
+
+class _Parts:
+  """Makes the U-Net's blocks, attention layers and resamplers with its options closed over."""
+
+  def __init__(self, *, emb_dim: int, resblock: str, dropout: float, mlp_ratio: float,
+               scale_shift_norm: bool, num_groups: int, resample_with_conv: bool, attention: str,
+               num_heads: int, num_head_channels: int, dtype: DType, rngs: nnx.Rngs):  # fmt: skip
+    self.emb_dim, self.resblock, self.dropout, self.mlp_ratio = (
+      emb_dim,
+      resblock,
+      dropout,
+      mlp_ratio,
+    )
+    self.scale_shift_norm, self.num_groups = scale_shift_norm, num_groups
+    self.resample_with_conv, self.attention = resample_with_conv, attention
+    self.num_heads, self.num_head_channels, self.dtype, self.rngs = (
+      num_heads,
+      num_head_channels,
+      dtype,
+      rngs,
+    )
+
+  def block(self, cin: int, cout: int, resample: str | None = None) -> nnx.Module:
+    common = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype)
+    if self.resblock == "convnext":
+      return ConvNeXtBlock(
+        cin, cout, self.emb_dim, mlp_ratio=self.mlp_ratio, rngs=self.rngs, **common
+      )
+    return ResBlock(
+      cin,
+      cout,
+      self.emb_dim,
+      num_groups=self.num_groups,
+      resample=resample,
+      rngs=self.rngs,
+      **common,
+    )
+
+  def attn(self, c: int, where: str) -> layers.SpatialAttention:
+    heads = layers.resolve_num_heads(c, self.num_heads, self.num_head_channels, where)
+    return layers.SpatialAttention(
+      c,
+      num_heads=heads,
+      num_groups=self.num_groups,
+      kind=self.attention,
+      dtype=self.dtype,
+      rngs=self.rngs,
+    )
+
+  def resampler(self, c: int, direction: str) -> nnx.Module:
+    if self.resblock == "biggan":
+      return self.block(c, c, resample=direction)
+    cls = Downsample if direction == "down" else Upsample
+    return cls(c, with_conv=self.resample_with_conv, dtype=self.dtype, rngs=self.rngs)
+
+
+def _down_levels(
+  parts: _Parts,
+  ch: int,
+  widths: Sequence[int],
+  sides: Sequence[int],
+  num_res_blocks: int,
+  attn_resolutions: Sequence[int],
+) -> tuple[list[_Level], list[int]]:
+  """The down path's levels, and the width of every tensor it pushes on the skip stack."""
+  skip_ch, cur, levels = [ch], ch, []
+  for i, (width, side) in enumerate(zip(widths, sides, strict=True)):
+    blocks, attns = [], []
+    for j in range(num_res_blocks):
+      blocks.append(parts.block(cur, width))
+      cur = width
+      if side in attn_resolutions:
+        attns.append(parts.attn(cur, f"down level {i} block {j} (resolution {side})"))
+      skip_ch.append(cur)
+    resample = None
+    if i != len(widths) - 1:
+      resample = parts.resampler(cur, "down")
+      skip_ch.append(cur)
+    levels.append(_Level(blocks, attns, resample))
+  return levels, skip_ch
+
+
+def _up_levels(
+  parts: _Parts,
+  widths: Sequence[int],
+  sides: Sequence[int],
+  num_res_blocks: int,
+  attn_resolutions: Sequence[int],
+  skip_ch: list[int],
+) -> list[_Level]:
+  """The up path's levels; each block takes one skip tensor, so ``skip_ch`` is used up."""
+  cur, levels = widths[-1], []
+  for i in reversed(range(len(widths))):
+    blocks, attns = [], []
+    for j in range(num_res_blocks + 1):
+      blocks.append(parts.block(cur + skip_ch.pop(), widths[i]))
+      cur = widths[i]
+      if sides[i] in attn_resolutions:
+        attns.append(parts.attn(cur, f"up level {i} block {j} (resolution {sides[i]})"))
+    levels.append(_Level(blocks, attns, parts.resampler(cur, "up") if i != 0 else None))
+  assert not skip_ch, "every skip connection must be consumed"
+  return levels
 
 
 def _validate(

@@ -1,0 +1,153 @@
+"""A run config as :func:`~jaxdiff.sampling.sample` arguments: the one place that reads it.
+
+The training loop's sample grids, the ``sample.py`` CLI and the sample-quality
+evaluation all call :func:`sampler_kwargs` (and :func:`class_labels` for a
+class-conditional model), so they sample the same way from the same config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxdiff import parallel
+from jaxdiff.core.diffusion import Diffusion
+from jaxdiff.sampling.driver import sample_in_chunks
+from jaxdiff.sampling.registry import get_sampler
+
+
+def _pick(value: Any, default: Any) -> Any:
+  return default if value is None else value
+
+
+def sampler_kwargs(
+  config: Any,
+  *,
+  sampler: str | None = None,
+  num_steps: int | None = None,
+  eta: float | None = None,
+  temperature: float | None = None,
+  guidance_scale: float | None = None,
+) -> dict[str, Any]:
+  """Keyword arguments for ``sample()`` / ``sample_in_chunks()`` from a run config.
+
+  Reads ``config.sampling`` (``sampler``, ``num_steps``, ``eta``,
+  ``clip_denoised``, ``guidance_scale``, ``temperature``); an argument given
+  here (not None) overrides the config's value. The null label of
+  classifier-free guidance (Ho & Salimans 2022) is ``config.data.num_classes``,
+  the id a class-conditional model is trained with for "no class", and None
+  for an unconditional model.
+
+  Args:
+    config: a run config (``ml_collections.ConfigDict``) with ``sampling``,
+      ``model.class_conditional`` and ``data.num_classes``.
+    sampler, num_steps, eta, temperature, guidance_scale: overrides, or None.
+
+  Returns:
+    dict with ``sampler``, ``num_steps``, ``eta``, ``clip_denoised``,
+    ``guidance_scale``, ``null_label`` and ``temperature``. Labels, the mesh
+    and the shape are the caller's (see :func:`class_labels`).
+
+  Raises:
+    ValueError: an unknown sampler, or guidance (``guidance_scale != 1``) for an
+      unconditional model.
+  """
+  scfg = config.sampling
+  conditional = bool(config.model.class_conditional)
+  kwargs = {
+    "sampler": _pick(sampler, scfg.sampler),
+    "num_steps": _pick(num_steps, scfg.num_steps),
+    "eta": _pick(eta, scfg.eta),
+    "clip_denoised": scfg.clip_denoised,
+    "guidance_scale": _pick(guidance_scale, scfg.guidance_scale),
+    "null_label": config.data.num_classes if conditional else None,
+    "temperature": _pick(temperature, scfg.temperature),
+  }
+  get_sampler(kwargs["sampler"])  # fail before loading a checkpoint, not after
+  if not conditional and kwargs["guidance_scale"] != 1.0:
+    raise ValueError(
+      f"guidance_scale={kwargs['guidance_scale']} needs a class-conditional model"
+      " (classifier-free guidance), and this run's config has model.class_conditional=False;"
+      " use guidance_scale=1.0"
+    )
+  return kwargs
+
+
+def class_labels(config: Any, n: int, class_label: int | None = None) -> np.ndarray | None:
+  """The ``[n]`` labels to sample a class-conditional model with, or None if it is unconditional.
+
+  Every class in turn (``arange(n) % num_classes``), or ``class_label`` throughout.
+
+  Raises:
+    ValueError: ``class_label`` outside ``0..num_classes - 1``, or given for an
+      unconditional model.
+  """
+  if not config.model.class_conditional:
+    if class_label is not None:
+      raise ValueError(
+        f"class_label={class_label} needs a class-conditional model, and this run's config"
+        " has model.class_conditional=False; drop it"
+      )
+    return None
+  num_classes = config.data.num_classes
+  if class_label is None:
+    return np.arange(n) % num_classes
+  if not 0 <= class_label < num_classes:
+    raise ValueError(f"class_label={class_label} must be in 0..{num_classes - 1}")
+  return np.full(n, class_label)
+
+
+def sample_from_config(
+  config: Any,
+  diffusion: Diffusion,
+  model_fn: Any,
+  key: jax.Array,
+  num_samples: int,
+  *,
+  mesh: Mesh | None,
+  batch_size: int | None = None,
+  class_label: int | None = None,
+  return_trajectory: bool = False,
+  progress: bool = False,
+  **overrides: Any,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """``num_samples`` images ``[N, H, W, C]`` in [-1, 1] (NumPy), drawn as ``config.sampling`` says.
+
+  ``overrides`` (``sampler``, ``num_steps``, ``eta``, ``temperature``, ``guidance_scale``)
+  replace the config's values where not None. Chunks of ``batch_size`` (default
+  ``config.sampling.batch_size``, at most N) rounded up to the mesh's device count; chunk c
+  uses ``fold_in(key, c)`` (see :func:`jaxdiff.sampling.sample_in_chunks`).
+
+  Raises:
+    ValueError: an option the model cannot honour (a label or guidance for an unconditional
+      model, a label out of range, an unknown sampler, a bad step count).
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  kwargs = sampler_kwargs(config, **overrides)
+  labels = class_labels(config, num_samples, class_label)
+  batch = min(batch_size or config.sampling.batch_size, num_samples)
+  if mesh is not None:
+    batch = parallel.round_up(batch, mesh.size)
+  image_shape: Sequence[int] = (
+    config.data.image_size,
+    config.data.image_size,
+    config.data.channels,
+  )
+  return sample_in_chunks(
+    diffusion,
+    model_fn,
+    key,
+    num_samples,
+    image_shape,
+    batch_size=batch,
+    labels=labels,
+    return_trajectory=return_trajectory,
+    progress=progress,
+    mesh=mesh,
+    **kwargs,
+  )

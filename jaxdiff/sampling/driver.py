@@ -1,0 +1,371 @@
+"""The one scan driver: any registered sampler, from x_T to x_0, jitted and sharded.
+
+:func:`make_sampler` looks the sampler up in the registry, builds its
+``init`` / ``step`` pair from the options it takes, and returns the pure
+``fn(d, model_fn, key, x_T, labels=None)`` that scans ``step`` over the S steps
+of ``d``. :func:`sample` respaces, draws x_T and calls a cached jitted ``fn``;
+:func:`sample_in_chunks` draws many samples in fixed-size chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxdiff.core.diffusion import Diffusion, model_timesteps, respace
+from jaxdiff.parallel import DATA_AXIS, auto_mesh, constrain
+from jaxdiff.sampling.base import Chain, ModelFn, Sampler
+from jaxdiff.sampling.guidance import check_guidance, guided_model_output
+from jaxdiff.sampling.registry import SamplerDef, get_sampler
+from jaxdiff.sampling.sde import check_predictor
+from jaxdiff.sampling.spacing import sampler_timesteps
+
+SamplerFn = Callable[..., Any]
+
+
+def _chain(
+  d: Diffusion,
+  model_fn: ModelFn,
+  key: jax.Array,
+  x_T: jax.Array,
+  labels: jax.Array | None,
+  guidance: dict[str, Any],
+  mesh: Mesh | None,
+) -> Chain:
+  """What every step of one call sees: the guided model at an index, and sharded noise."""
+  B = x_T.shape[0]
+
+  def model(x: jax.Array, t_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    t = jnp.full((B,), t_index, jnp.int32)
+    out = guided_model_output(model_fn, x, model_timesteps(d, t), labels, **guidance)
+    return out.astype(x.dtype), t  # the sampler maths stay in x's dtype
+
+  def noise(k: jax.Array) -> jax.Array:
+    return constrain(jax.random.normal(k, x_T.shape, x_T.dtype), mesh)
+
+  return Chain(d, model, noise, key)
+
+
+def _scan(
+  sampler: Sampler, chain: Chain, x_T: jax.Array, return_trajectory: bool, mesh: Mesh | None
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Scans ``carry = step(carry, i, t, chain)`` over i = 0..S-1, t = S-1..0."""
+  S = chain.d.num_timesteps
+
+  def body(carry: Any, inputs: tuple[jax.Array, jax.Array]) -> tuple[Any, jax.Array | None]:
+    i, t = inputs
+    carry = sampler.step(carry, i, t, chain)
+    carry = carry._replace(x=constrain(carry.x, mesh))
+    return carry, (carry.x if return_trajectory else None)
+
+  steps = (jnp.arange(S), jnp.arange(S - 1, -1, -1))
+  carry, traj = jax.lax.scan(body, sampler.init(constrain(x_T, mesh), chain), steps)
+  if not return_trajectory:
+    return carry.x
+  traj = jnp.concatenate([x_T[None], traj])  # [S + 1, B, H, W, C], x_T first
+  return carry.x, constrain(traj, mesh, batch_axis=1)
+
+
+# make_sampler's keywords that go to the factory of a sampler that lists them.
+_SHARED_OPTIONS = ("eta", "clip_denoised", "temperature", "snr", "n_corrector_steps", "predictor")
+
+
+def _build(definition: SamplerDef, name: str, options: dict[str, Any]) -> Sampler:
+  """The factory called with the options it takes; an option it does not take is an error
+  unless it is one of :func:`make_sampler`'s own keywords (which every sampler accepts)."""
+  extra = sorted(set(options) - set(_SHARED_OPTIONS) - set(definition.options))
+  if extra:
+    raise ValueError(
+      f"sampler {name!r} takes no option {', '.join(extra)}; its options:"
+      f" {', '.join(definition.options) or 'none'}"
+    )
+  return definition.factory(**{k: v for k, v in options.items() if k in definition.options})
+
+
+def make_sampler(
+  sampler: str = "ddim",
+  *,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  guidance_scale: float = 1.0,
+  null_label: int | None = None,
+  temperature: float = 1.0,
+  return_trajectory: bool = False,
+  mesh: Mesh | None = None,
+  snr: float = 0.16,
+  n_corrector_steps: int = 1,
+  predictor: str = "ancestral",
+  **options: Any,
+) -> SamplerFn:
+  """A pure sampling function with the hyperparameters closed over (optax style).
+
+  The returned ``fn(d, model_fn, key, x_T, labels=None)`` runs the whole chain
+  as one ``lax.scan`` over the S steps of ``d``; it is meant to be jitted by the
+  caller (:func:`sample` does that and caches the result). ``d`` and, if it is a
+  ``jax.tree_util.Partial``, ``model_fn``'s bound arguments (the parameters)
+  are data, so a new schedule of the same length or new parameters reuse the
+  compiled code.
+
+  Args:
+    sampler: one of :data:`SAMPLERS` (the registry's names).
+    eta: DDIM's eta (0 deterministic, 1 the DDPM posterior).
+    clip_denoised: clip every x_0 estimate to [-1, 1].
+    guidance_scale: classifier-free guidance scale g (1: none).
+    null_label: the "no class" label, needed when ``guidance_scale != 1``.
+    temperature: scales all injected noise (x_T is not scaled).
+    return_trajectory: also return ``[S + 1, B, H, W, C]``, x_T first.
+    mesh: a mesh with a ``data`` axis to shard the batch over, or None.
+    snr: ``pc``'s Langevin signal-to-noise ratio.
+    n_corrector_steps: ``pc``'s Langevin steps per level.
+    predictor: ``pc``'s predictor, ``ancestral`` or ``euler_maruyama``.
+    **options: options of a registered sampler that are not keywords above.
+
+  Returns:
+    ``fn(d, model_fn, key, x_T, labels=None) -> x_0`` or ``(x_0, trajectory)``.
+
+  Raises:
+    ValueError: for an unknown sampler or predictor, a bad option value, an
+      option the sampler does not take, or guidance without a null label.
+  """
+  definition = get_sampler(sampler)
+  check_predictor(predictor)
+  if eta < 0 or temperature < 0 or snr <= 0 or n_corrector_steps < 0:
+    raise ValueError(
+      f"need eta >= 0, temperature >= 0, snr > 0 and n_corrector_steps >= 0; got eta={eta},"
+      f" temperature={temperature}, snr={snr}, n_corrector_steps={n_corrector_steps}"
+    )
+  if guidance_scale != 1.0 and null_label is None:
+    check_guidance(guidance_scale, True, null_label)
+  shared = dict(eta=eta, clip_denoised=clip_denoised, temperature=temperature, snr=snr)
+  shared.update(n_corrector_steps=n_corrector_steps, predictor=predictor)
+  algo = _build(definition, sampler, {**shared, **options})
+  mesh = None if mesh is None else auto_mesh(mesh)
+  guidance = {"guidance_scale": guidance_scale, "null_label": null_label}
+
+  def fn(d: Diffusion, model_fn: ModelFn, key: jax.Array, x_T: jax.Array, labels=None):
+    check_guidance(guidance_scale, labels, null_label)
+    if labels is not None:
+      labels = constrain(jnp.asarray(labels), mesh)
+    chain = _chain(d, model_fn, key, x_T, labels, guidance, mesh)
+    return _scan(algo, chain, x_T, return_trajectory, mesh)
+
+  return fn
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_sampler(definition: SamplerDef, **options: Any) -> SamplerFn:
+  # One jitted function per set of static options: repeated sample() calls hit
+  # jit's cache instead of building (and compiling) a new function each time.
+  # The definition is only part of the key: a name registered anew must miss.
+  del definition
+  return jax.jit(make_sampler(**options))
+
+
+def _check_mesh(mesh: Mesh | None, batch: int) -> None:
+  if mesh is None:
+    return
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh needs a {DATA_AXIS!r} axis to shard the batch; got {mesh.axis_names}")
+  n = mesh.shape[DATA_AXIS]
+  if batch % n:
+    raise ValueError(
+      f"batch size {batch} is not divisible by the {n} devices of the mesh's {DATA_AXIS!r}"
+      f" axis; use a multiple of {n}"
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw_x_T(key: jax.Array, shape: tuple[int, ...], mesh: Mesh | None) -> jax.Array:
+  # Drawn under jit in the global view, sharded from the start (and multi-host safe).
+  return constrain(jax.random.normal(key, shape), mesh)
+
+
+def _start(
+  key: jax.Array,
+  shape: tuple[int, ...],
+  x_T: jax.Array | None,
+  labels: jax.Array | None,
+  mesh: Mesh | None,
+) -> tuple[jax.Array, jax.Array | None]:
+  """x_T (drawn unless given) and the labels as int32, both checked against ``shape``."""
+  if x_T is None:
+    x_T = _draw_x_T(key, shape, mesh)
+  elif tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+  if labels is not None:
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != shape[:1]:
+      raise ValueError(f"labels have shape {labels.shape}, expected ({shape[0]},)")
+  # A given x_T and the labels are resharded inside the jitted sampler, which
+  # also accepts host arrays on every process of a multi-host run.
+  return x_T, labels
+
+
+def sample(
+  d: Diffusion,
+  model_fn: ModelFn,
+  key: jax.Array,
+  shape: Sequence[int],
+  *,
+  sampler: str = "ddim",
+  num_steps: int | None = None,
+  spacing: str | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  guidance_scale: float = 1.0,
+  labels: jax.Array | None = None,
+  null_label: int | None = None,
+  temperature: float = 1.0,
+  return_trajectory: bool = False,
+  x_T: jax.Array | None = None,
+  mesh: Mesh | None = None,
+  snr: float = 0.16,
+  n_corrector_steps: int = 1,
+  predictor: str = "ancestral",
+  **options: Any,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Draws samples ``[B, H, W, C]`` from the model.
+
+  Respaces ``d`` to ``num_steps`` (:func:`sampler_timesteps`), draws
+  ``x_T ~ N(0, I)`` from ``split(key)[0]`` unless given, and runs the jitted
+  sampler (compiled once per sampler options, shape and number of steps) with
+  per-step keys ``fold_in(split(key)[1], i)``.
+
+  Define ``model_fn`` once and reuse it: jit recognises it by identity. To pass
+  parameters as arguments rather than compile them in as constants, give
+  ``jax.tree_util.Partial(apply_fn, params)`` with ``apply_fn(params, x, t[, y])``.
+
+  Args:
+    d: the diffusion the model was trained with (or a respaced one).
+    model_fn: ``model_fn(x, t) -> output``; ``model_fn(x, t, y)`` when ``labels`` are given.
+    key: PRNG key.
+    shape: ``(B, H, W, C)``.
+    sampler: one of :data:`SAMPLERS`.
+    num_steps: number of steps (None: all T of ``d``).
+    spacing: which steps to keep, see :func:`sampler_timesteps` (None: the sampler's default).
+    eta: DDIM's eta.
+    clip_denoised: clip x_0 estimates to [-1, 1].
+    guidance_scale: classifier-free guidance scale (needs ``labels`` and ``null_label``).
+    labels: ``[B]`` int class labels for a conditional model.
+    null_label: the label meaning "no class".
+    temperature: scales the injected noise.
+    return_trajectory: also return the ``[S + 1, B, H, W, C]`` chain, x_T first.
+    x_T: start from this noise instead of drawing it.
+    mesh: shard the batch over this mesh's ``data`` axis.
+    snr, n_corrector_steps, predictor: ``pc`` options (see :func:`make_sampler`).
+    **options: options of a registered sampler that are not keywords above (hashable).
+
+  Returns:
+    ``x_0`` ``[B, H, W, C]``, or ``(x_0, trajectory)``.
+
+  Raises:
+    ValueError: unknown sampler, ``num_steps`` outside 1..T, guidance without
+      labels or null label, a mesh without ``data`` or not dividing the batch,
+      or ``x_T`` / ``labels`` of the wrong shape.
+  """
+  shape = tuple(int(s) for s in shape)
+  steps = sampler_timesteps(d, num_steps, sampler=sampler, spacing=spacing)
+  check_guidance(guidance_scale, labels, null_label)
+  _check_mesh(mesh, shape[0])
+  if len(steps) != d.num_timesteps:
+    d = respace(d, steps)
+  mesh = None if mesh is None else auto_mesh(mesh)
+  key_T, key_steps = jax.random.split(key)
+  x_T, labels = _start(key_T, shape, x_T, labels, mesh)
+  if not isinstance(model_fn, jax.tree_util.Partial):
+    model_fn = jax.tree_util.Partial(model_fn)  # a pytree: jit can take it as an argument
+  fn = _jitted_sampler(
+    get_sampler(sampler),
+    sampler=sampler,
+    eta=float(eta),
+    clip_denoised=bool(clip_denoised),
+    guidance_scale=float(guidance_scale),
+    # Irrelevant without guidance: keep it out of the cache key.
+    null_label=None if null_label is None or guidance_scale == 1.0 else int(null_label),
+    temperature=float(temperature),
+    return_trajectory=bool(return_trajectory),
+    mesh=mesh,
+    snr=float(snr),
+    n_corrector_steps=int(n_corrector_steps),
+    predictor=predictor,
+    **options,
+  )
+  return fn(d, model_fn, key_steps, x_T, labels)
+
+
+def sample_in_chunks(
+  d: Diffusion,
+  model_fn: ModelFn,
+  key: jax.Array,
+  num_samples: int,
+  image_shape: Sequence[int],
+  *,
+  batch_size: int,
+  labels: np.ndarray | jax.Array | None = None,
+  return_trajectory: bool = False,
+  progress: bool = False,
+  **kwargs: Any,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Draws ``num_samples`` in chunks of ``batch_size`` with one compiled sampler.
+
+  Chunk ``c`` uses ``fold_in(key, c)``; the last chunk is padded to
+  ``batch_size`` (and the padding dropped) so every chunk has the same shape.
+  Each chunk is fetched to host memory as it finishes, so the devices hold one
+  chunk at a time.
+
+  Args:
+    d, model_fn: as for :func:`sample`.
+    key: PRNG key.
+    num_samples: N.
+    image_shape: ``(H, W, C)``.
+    batch_size: global samples per chunk (a multiple of the mesh's devices).
+    labels: ``[N]`` int class labels, or None.
+    return_trajectory: also return the ``[S + 1, N, H, W, C]`` trajectories.
+    progress: show a tqdm bar over chunks.
+    **kwargs: any other :func:`sample` option (sampler, num_steps, mesh, ...).
+
+  Returns:
+    NumPy ``[N, H, W, C]`` samples, or ``(samples, trajectory)``.
+  """
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (num_samples,):
+      raise ValueError(f"labels have shape {labels.shape}, expected ({num_samples},)")
+  chunks = range(math.ceil(num_samples / batch_size))
+  if progress:
+    from tqdm import tqdm
+
+    chunks = tqdm(chunks, desc="sampling", unit="chunk")
+  outs, trajs = [], []
+  for c in chunks:
+    lo = c * batch_size
+    n = min(batch_size, num_samples - lo)
+    y = None
+    if labels is not None:
+      # Padded by repeating the chunk's labels (the padding is dropped). Not parallel.pad_to:
+      # pc's Langevin step averages over the batch, so the padding's labels reach the samples.
+      y = np.resize(labels[lo : lo + n], batch_size)
+    out = sample(
+      d,
+      model_fn,
+      jax.random.fold_in(key, c),
+      (batch_size, *image_shape),
+      labels=y,
+      return_trajectory=return_trajectory,
+      **kwargs,
+    )
+    if return_trajectory:
+      out, traj = out
+      trajs.append(np.asarray(traj)[:, :n])
+    outs.append(np.asarray(out)[:n])
+  samples = np.concatenate(outs)
+  return (samples, np.concatenate(trajs, axis=1)) if return_trajectory else samples

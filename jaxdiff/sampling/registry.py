@@ -1,0 +1,97 @@
+"""The samplers by name: each a factory, the step spacing it defaults to, the options it takes.
+
+Adding a sampler is one file holding its step maths and a factory
+``factory(**options) -> Sampler`` (see :mod:`jaxdiff.sampling.base`), and one
+line here (or a :func:`register_sampler` call from outside the package)::
+
+  "heun": SamplerDef(heun_sampler, "sections", ("clip_denoised", "s_churn")),
+
+:func:`~jaxdiff.sampling.make_sampler` passes the factory only the options it
+lists; an option that is not one of ``make_sampler``'s keywords (``s_churn``
+above) is passed through ``make_sampler(..., s_churn=...)`` and ``sample(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+from jaxdiff.sampling.base import Sampler
+from jaxdiff.sampling.ddim import ddim_sampler
+from jaxdiff.sampling.ddpm import ddpm_sampler
+from jaxdiff.sampling.dpmpp import dpmpp_2m_sampler
+from jaxdiff.sampling.sde import euler_maruyama_sampler, pc_sampler
+
+
+class SamplerDef(NamedTuple):
+  """A registered sampler.
+
+  Attributes:
+    factory: ``factory(**options) -> Sampler``, called once per set of options, outside jit.
+    spacing: which steps it visits by default, one of :data:`~jaxdiff.sampling.SPACINGS`.
+    options: the keyword options ``factory`` takes.
+  """
+
+  factory: Callable[..., Sampler]
+  spacing: str = "sections"
+  options: tuple[str, ...] = ()
+
+
+_NOISY = ("clip_denoised", "temperature")
+_PC = (*_NOISY, "snr", "n_corrector_steps", "predictor")
+
+REGISTRY: dict[str, SamplerDef] = {
+  "ddpm": SamplerDef(ddpm_sampler, "sections", _NOISY),
+  "ddim": SamplerDef(ddim_sampler, "ddim", ("eta", *_NOISY)),
+  "dpm++2m": SamplerDef(dpmpp_2m_sampler, "logsnr", ("clip_denoised",)),
+  "euler_maruyama": SamplerDef(euler_maruyama_sampler, "sections", _NOISY),
+  "pc": SamplerDef(pc_sampler, "sections", _PC),
+}
+
+
+class _Names(Sequence[str]):
+  """The registered names in registration order: a live, read-only view of :data:`REGISTRY`."""
+
+  def __getitem__(self, index: Any) -> Any:
+    return tuple(REGISTRY)[index]
+
+  def __len__(self) -> int:
+    return len(REGISTRY)
+
+  def __contains__(self, name: object) -> bool:
+    return isinstance(name, str) and name in REGISTRY
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(tuple(REGISTRY))  # a snapshot: registering while iterating is safe
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, tuple | list | _Names) and tuple(self) == tuple(other)
+
+  __hash__ = None  # type: ignore[assignment]  # mutable, like the dict it views
+
+  def __repr__(self) -> str:
+    return repr(tuple(REGISTRY))
+
+
+SAMPLERS: Sequence[str] = _Names()
+
+
+def get_sampler(name: str) -> SamplerDef:
+  """The registered sampler ``name``; the error lists the registry."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+  return REGISTRY[name]
+
+
+def register_sampler(
+  name: str,
+  factory: Callable[..., Sampler],
+  *,
+  spacing: str = "sections",
+  options: Sequence[str] = (),
+) -> SamplerDef:
+  """Adds a sampler to :data:`REGISTRY` (and so to :data:`SAMPLERS`); names are not reused."""
+  if name in REGISTRY:
+    raise ValueError(f"sampler {name!r} is already registered")
+  REGISTRY[name] = SamplerDef(factory, spacing, tuple(options))
+  return REGISTRY[name]

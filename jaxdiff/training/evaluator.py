@@ -1,0 +1,132 @@
+"""Evaluation inside training: the loop scores the model it holds, without reading a checkpoint.
+
+Every ``eval.every`` steps, with the EMA parameters:
+
+* ``eval_bpd`` (± ``eval_bpd_stderr``): the full variational bound on the first
+  ``eval.bpd_examples`` images of ``eval.split``, read once when training starts, with the
+  same per-example noise each time, so successive evaluations are paired;
+* ``eval_fd`` / ``eval_is``: Fréchet distance and Inception-style score of
+  ``eval.fd_samples`` samples drawn as ``config.sampling`` says, against the reference
+  statistics of ``eval.split`` (computed once, cached).
+
+The same evaluator functions serve ``jaxdiff.cli.evaluate``; here they return records that
+the loop logs with the step and stores with that step's checkpoint, which is how orbax keeps
+the best one (``eval.best_metric``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxdiff import data, evaluation, models
+from jaxdiff.core.diffusion import Diffusion
+from jaxdiff.sampling import sample_from_config
+
+BEST_METRICS = ("bpd", "fd")
+
+
+def best_metric_key(config: ml_collections.ConfigDict) -> str | None:
+  """The logged key the best checkpoint is chosen by (lower is better), or None."""
+  return f"eval_{config.eval.best_metric}" if config.eval.best_metric else None
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for an ``eval`` section the loop cannot honour."""
+  ecfg = config.eval
+  problems = []
+  if ecfg.every < 0:
+    problems.append(f"eval.every={ecfg.every} must be >= 0 (0: no evaluation while training)")
+  if ecfg.every > 0 and ecfg.bpd_examples <= 0 and ecfg.fd_samples <= 0:
+    problems.append(
+      f"eval.every={ecfg.every} but nothing to evaluate: set eval.bpd_examples > 0 and/or"
+      " eval.fd_samples >= 2"
+    )
+  if ecfg.fd_samples == 1:
+    problems.append("eval.fd_samples=1: a covariance needs at least 2 samples (0 disables FD)")
+  if ecfg.best_metric and ecfg.best_metric not in BEST_METRICS:
+    problems.append(f"eval.best_metric={ecfg.best_metric!r}; allowed: '', bpd, fd")
+  needs = {"bpd": ecfg.bpd_examples, "fd": ecfg.fd_samples}
+  if ecfg.best_metric in needs and (ecfg.every <= 0 or needs[ecfg.best_metric] <= 0):
+    field = "bpd_examples" if ecfg.best_metric == "bpd" else "fd_samples"
+    problems.append(
+      f"eval.best_metric={ecfg.best_metric!r} needs eval.every > 0 and eval.{field} > 0"
+    )
+  if problems:
+    raise ValueError("; ".join(problems))
+
+
+class LoopEvaluator:
+  """Set up once before the first step (test images, feature net, reference statistics)."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    diffusion: Diffusion,
+    mesh: Mesh,
+  ):
+    check(config)
+    self.config, self.graphdef, self.diffusion, self.mesh = config, graphdef, diffusion, mesh
+    ecfg = config.eval
+    self.images = None
+    if ecfg.bpd_examples > 0:
+      self.images = data.read_examples(config.data, ecfg.split, ecfg.bpd_examples)
+    self.feature_net = self.reference = None
+    if ecfg.fd_samples > 0:
+      cache = ecfg.cache_dir or None
+      self.feature_net = evaluation.feature_net(
+        ecfg.features, ecfg.features_path or None, config.data, cache
+      )
+      self.reference, _ = evaluation.reference_stats(
+        self.feature_net,
+        config.data,
+        split=ecfg.split,
+        cache_dir=evaluation.cache_dir(cache),
+        batch_size=ecfg.batch_size,
+        mesh=mesh,
+        progress=False,
+      )
+
+  def due(self, step: int) -> bool:
+    return self.config.eval.every > 0 and step % self.config.eval.every == 0
+
+  def __call__(self, params: Any) -> dict[str, float]:
+    """The evaluation record of ``params`` (keys ``eval_*``)."""
+    ecfg, model_fn = self.config.eval, models.bind(self.graphdef, params)
+    record: dict[str, float] = {}
+    if self.images is not None:
+      bpd = evaluation.bits_per_dim(
+        self.diffusion,
+        model_fn,
+        self.images,
+        seed=self.config.seed,
+        batch_size=ecfg.batch_size,
+        clip_denoised=ecfg.clip_denoised,
+        mesh=self.mesh,
+      )
+      record.update(eval_bpd=bpd["bpd"], eval_bpd_stderr=bpd["bpd_stderr"])
+    if self.feature_net is not None:
+      quality = evaluation.sample_quality(
+        self._sample_fn(model_fn),
+        self.feature_net,
+        self.reference,
+        num_samples=ecfg.fd_samples,
+        seed=self.config.seed,  # the same noise at every evaluation: successive FDs are paired
+        batch_size=ecfg.batch_size,
+        mesh=self.mesh,
+      )
+      record.update(eval_fd=quality["fd"], eval_is=quality["is_mean"])
+    return record
+
+  def _sample_fn(self, model_fn: Any) -> Callable[[jax.Array, int], np.ndarray]:
+    def sample_fn(key: jax.Array, n: int) -> np.ndarray:
+      return sample_from_config(self.config, self.diffusion, model_fn, key, n, mesh=self.mesh)
+
+    return sample_fn

@@ -1,0 +1,122 @@
+"""The train state and the optimizer.
+
+``TrainState`` holds arrays only (step, params, EMA params, optimizer state and,
+with importance-sampled t, the loss history): everything a resumed run needs to
+continue bit-for-bit, together with the data iterator's position. The model's
+structure (an NNX ``GraphDef``) stays outside it, static.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from jaxdiff import models
+from jaxdiff.core import diffusion as diffusion_lib
+from jaxdiff.core import timesteps
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []
+  params: Any  # nnx.State of the model's Params
+  ema_params: Any
+  opt_state: Any
+  loss_history: timesteps.LossHistory | None = None
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate``, then constant or cosine decay to 0."""
+  warmup = max(int(cfg.warmup_steps), 0)
+  if cfg.lr_schedule == "constant":
+    after = optax.constant_schedule(cfg.learning_rate)
+  elif cfg.lr_schedule == "cosine":
+    after = optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.num_steps - warmup, 1))
+  else:
+    raise ValueError(f"unknown training.lr_schedule {cfg.lr_schedule!r}; allowed: constant, cosine")
+  if warmup == 0:
+    return after
+  ramp = optax.linear_schedule(0.0, cfg.learning_rate, warmup)
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam or AdamW with global-norm clipping and the learning-rate schedule."""
+  lr = learning_rate_schedule(cfg)
+  if cfg.optimizer == "adam":
+    opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
+  elif cfg.optimizer == "adamw":
+    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  else:
+    raise ValueError(f"unknown training.optimizer {cfg.optimizer!r}; allowed: adam, adamw")
+  if cfg.grad_clip and cfg.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+  return opt
+
+
+def ema_decay(cfg: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """EMA decay at ``step``; with warm-up min(decay, (1 + n) / (10 + n)) as in score_sde."""
+  decay = jnp.asarray(cfg.ema_decay, jnp.float32)
+  if cfg.ema_warmup:
+    n = step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+  return decay
+
+
+def build(
+  config: ml_collections.ConfigDict,
+) -> tuple[nnx.GraphDef, Any, optax.GradientTransformation, diffusion_lib.Diffusion]:
+  """The model's graphdef and abstract params, the optimizer, and the diffusion."""
+  abstract = nnx.eval_shape(lambda: models.build_model(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract)
+  return (
+    graphdef,
+    abstract_params,
+    make_optimizer(config.training),
+    diffusion_lib.from_config(config.diffusion),
+  )
+
+
+def init_state(
+  config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
+  """A fresh state; EMA starts as a copy of the params (not shared buffers, for donation)."""
+  model = models.build_model(config, rngs=nnx.Rngs(params=key))
+  params = nnx.state(model)
+  history = None
+  if config.diffusion.t_sampler == "importance":
+    history = timesteps.init(config.diffusion.num_timesteps)
+  elif config.diffusion.t_sampler != "uniform":
+    raise ValueError(
+      f"unknown diffusion.t_sampler {config.diffusion.t_sampler!r}; allowed: uniform, importance"
+    )
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=optimizer.init(params),
+    loss_history=history,
+  )
+
+
+def abstract_state(
+  config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
+) -> TrainState:
+  """The state's structure, shapes and dtypes as ``jax.ShapeDtypeStruct`` leaves; no memory."""
+  return jax.eval_shape(lambda k: init_state(config, optimizer, k), jax.random.key(0))
+
+
+def create_state(
+  config: ml_collections.ConfigDict,
+  optimizer: optax.GradientTransformation,
+  key: jax.Array,
+  shardings: Any,
+) -> TrainState:
+  """:func:`init_state` compiled to write each array straight into its sharding."""
+  return jax.jit(lambda k: init_state(config, optimizer, k), out_shardings=shardings)(key)

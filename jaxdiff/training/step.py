@@ -1,0 +1,142 @@
+"""One jit-compiled, sharded train step: ``(state, batch, key) -> (state, metrics)``.
+
+The step's randomness is ``fold_in(key, step)``, so a resumed run draws the same t, noise
+and dropout masks as an uninterrupted one; t and the noise are drawn for the global batch
+(:func:`jaxdiff.core.timesteps.draw`), so the losses do not depend on the device count or
+on gradient accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxdiff import models, parallel
+from jaxdiff.core import diffusion as diffusion_lib
+from jaxdiff.core import losses, timesteps
+from jaxdiff.training.state import TrainState, ema_decay, learning_rate_schedule
+
+StepFn = Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]
+
+
+def make_loss_fn(
+  config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, diffusion: diffusion_lib.Diffusion
+) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+  """``loss_fn(params, images, labels, t, noise, weights, key) -> (mean loss, terms)``."""
+  dcfg = config.diffusion
+  conditional = bool(config.model.class_conditional)
+  apply = models.Apply(graphdef)
+
+  def loss_fn(params, images, labels, t, noise, weights, key):
+    y = labels if conditional else None
+    terms = losses.training_losses(
+      diffusion,
+      lambda x, s: apply(params, x, s, y, key=key),
+      images,
+      t,
+      noise,
+      loss_type=dcfg.loss_type,
+      min_snr_gamma=dcfg.min_snr_gamma,
+    )
+    return jnp.mean(terms["loss"] * weights), terms
+
+  return loss_fn
+
+
+def _accumulated(grad_fn: Callable, accum: int) -> Callable:
+  """``grad_fn`` over ``accum`` micro-batches in a ``lax.scan``, gradients averaged.
+
+  Memory scales with B / accum; the result equals the full batch's up to float rounding.
+  """
+  if accum == 1:
+    return grad_fn
+
+  def accumulated(params, *inputs_and_key):
+    *inputs, key = inputs_and_key
+    B = inputs[0].shape[0]
+
+    def split(x):
+      return None if x is None else x.reshape((accum, B // accum) + x.shape[1:])
+
+    def micro(carry, xs):
+      i, *xs = xs
+      (micro_loss, terms), g = grad_fn(params, *xs, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (micro_loss, g)), terms
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), terms = jax.lax.scan(micro, zeros, (jnp.arange(accum), *map(split, inputs)))
+    terms = jax.tree.map(lambda x: x.reshape((B,) + x.shape[2:]), terms)
+    return (loss / accum, terms), jax.tree.map(lambda g: g / accum, grads)
+
+  return accumulated
+
+
+def make_train_step(
+  config: ml_collections.ConfigDict,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  diffusion: diffusion_lib.Diffusion,
+) -> StepFn:
+  """The pure train step ``(state, batch, key) -> (state, metrics)``.
+
+  ``batch`` holds the global batch: ``image`` ``[B, H, W, C]`` in [-1, 1] and ``label``
+  ``[B]``. With ``training.grad_accum_steps = k`` the batch is split into k micro-batches
+  whose gradients are averaged before one optimizer update.
+  """
+  tcfg = config.training
+  accum = int(tcfg.grad_accum_steps)
+  lr_fn = learning_rate_schedule(tcfg)
+  grad_fn = _accumulated(
+    jax.value_and_grad(make_loss_fn(config, graphdef, diffusion), has_aux=True), accum
+  )
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
+    key_t, key_noise, key_model = jax.random.split(jax.random.fold_in(key, state.step), 3)
+    images, labels = batch["image"], batch.get("label")
+    if images.shape[0] % accum:
+      raise ValueError(
+        f"batch of {images.shape[0]} does not split into grad_accum_steps={accum} micro-batches"
+      )
+    draw = timesteps.draw(key_t, key_noise, images, diffusion.num_timesteps, state.loss_history)
+    (loss, terms), grads = grad_fn(
+      state.params, images, labels, draw.t, draw.noise, draw.weights, key_model
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(tcfg, state.step)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    history = state.loss_history
+    if history is not None:
+      history = timesteps.update(history, terms["t"], terms["loss"])
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "lr": lr_fn(state.step),
+      "ema_decay": decay,
+      **{name: jnp.mean(terms[name]) for name in ("simple", "vb") if name in terms},
+    }
+    new_state = state.replace(
+      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, loss_history=history
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(step_fn: StepFn, mesh: Mesh, state_shardings: Any) -> StepFn:
+  """``jax.jit`` with explicit shardings: batch on ``data``, state as given, donated."""
+  rep = parallel.replicated(mesh)
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, parallel.batch_sharding(mesh), rep),
+    out_shardings=(state_shardings, rep),
+    donate_argnums=(0,),
+  )

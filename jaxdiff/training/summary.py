@@ -1,0 +1,65 @@
+"""``--dry_run``: one screen about a run without touching data: sizes, shapes, memory."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdiff import models, parallel
+from jaxdiff.training.state import abstract_state, build
+from jaxdiff.training.step import jit_train_step, make_train_step
+
+
+def dry_run(config: ml_collections.ConfigDict) -> str:
+  """One screen about the run without touching data: sizes, shapes, memory."""
+  mesh = parallel.make_mesh()
+  tcfg, dcfg = config.training, config.data
+  local_batch = parallel.check_batch_size(tcfg.batch_size, mesh)
+  graphdef, abstract_params, optimizer, diffusion = build(config)
+  abstract = abstract_state(config, optimizer)
+  shardings = parallel.state_sharding(mesh, abstract, fsdp=tcfg.fsdp)
+  shape = (tcfg.batch_size, dcfg.image_size, dcfg.image_size, dcfg.channels)
+  batch = {
+    "image": jax.ShapeDtypeStruct(shape, jnp.float32),
+    "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32),
+  }
+  out_shape = jax.eval_shape(
+    lambda p: models.Apply(graphdef)(p, jnp.zeros((1,) + shape[1:]), jnp.zeros((1,), jnp.int32)),
+    abstract_params,
+  ).shape[1:]
+  step_fn = jit_train_step(make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings)
+  lines = [
+    f"model: {config.model.name}   diffusion: T={diffusion.num_timesteps} "
+    f"{config.diffusion.schedule}, mean={diffusion.mean_type}, var={diffusion.var_type}, "
+    f"loss={config.diffusion.loss_type}",
+    f"parameters: {models.count_params(abstract_params):,}",
+  ]
+  table = models.param_table(abstract_params, depth=1)
+  width = max((len(name) for name, _ in table), default=10)
+  lines += [f"  {name:<{width}}  {count:>12,}" for name, count in table]
+  lines += [
+    f"input:  x_t {list(shape)} float32, t [{tcfg.batch_size}] int32",
+    f"output: {[tcfg.batch_size, *out_shape]} float32",
+    f"devices: {mesh.size} ({jax.devices()[0].platform}), processes: {jax.process_count()}",
+    f"batch: global {tcfg.batch_size}, per process {local_batch}, "
+    f"per device {tcfg.batch_size // mesh.size}, grad accumulation {tcfg.grad_accum_steps}",
+    f"state: {parallel.tree_bytes(abstract) / 2**20:,.1f} MiB "
+    f"({'FSDP-sharded' if tcfg.fsdp else 'replicated'})",
+  ]
+  try:
+    compiled = step_fn.lower(abstract, batch, jax.random.key(0)).compile()
+    mem = compiled.memory_analysis()
+    per_device = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes
+    )
+    lines.append(
+      f"memory per step per device (XLA estimate): {per_device / 2**20:,.1f} MiB "
+      f"(temporaries {mem.temp_size_in_bytes / 2**20:,.1f} MiB)"
+    )
+  except Exception as e:  # memory analysis is backend-dependent
+    lines.append(f"memory per step: unavailable ({type(e).__name__}: {e})")
+  return "\n".join(lines)
