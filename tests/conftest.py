@@ -55,22 +55,35 @@ def tiny_config(image_dir, **overrides):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(image_dir, tmp_path_factory):
-  """A tiny class-conditional run (two classes) trained 2 steps, with its checkpoint and sample
-  grid at step 2, shared by the tests that read a run (load_run, sample.py, the evaluate CLI).
-  EMA decay 0.5, so the EMA and raw parameters differ."""
+def tiny_run(image_dir, classifier_path, tmp_path_factory):
+  """A tiny class-conditional run (two classes) trained 2 steps, shared by the tests that read a
+  run (load_run, sample.py, the evaluate CLI) and by those of evaluation inside training.
+
+  It checkpoints every step but keeps one, evaluates bits/dim and FD (with the random
+  ``classifier_path`` network) after every step and keeps the best checkpoint by bits/dim, so
+  ``checkpoints/`` holds step 2 and, if step 1 was better, step 1. A sample grid at step 2. EMA
+  decay 0.5, so the EMA and raw parameters differ.
+  """
   from jaxdiff import training
 
+  workdir = tmp_path_factory.mktemp("tiny_run")
   config = tiny_config(
     image_dir,
     model__class_conditional=True,
     training__num_steps=2,
     training__sample_every=2,
     training__ema_decay=0.5,
-    eval__batch_size=16,
-    eval__num_examples=12,
+    training__checkpoint_every=1,
+    training__keep_checkpoints=1,
+    eval__batch_size=8,
+    eval__num_examples=8,
+    eval__every=1,
+    eval__bpd_examples=8,
+    eval__fd_samples=8,
+    eval__features_path=str(classifier_path),
+    eval__cache_dir=str(workdir / "cache"),
+    eval__best_metric="bpd",
   )
-  workdir = tmp_path_factory.mktemp("tiny_run")
   training.train(config, workdir)
   return workdir
 

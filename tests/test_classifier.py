@@ -201,8 +201,8 @@ def test_failed_save_leaves_no_file_behind(trained, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_default_training_on_fashion_mnist(tmp_path):
   config = fashion_mnist.get_config()
-  try:
-    data.dataset_info(config.data)
+  try:  # prepares it from ../shared/data (config.data.manual_dir) when TensorFlow is there
+    data.prepare(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
   except data.DatasetNotPreparedError as e:
     pytest.skip(str(e))
   result = training.train(config, tmp_path / "fmnist.npz", progress=False)

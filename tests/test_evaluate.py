@@ -217,6 +217,7 @@ def test_command_prints_one_json_line_and_writes_files(tiny_run, tmp_path):
   assert json.loads(Path(record["files"][0]).read_text())["bpd"] == record["bpd"]
 
 
+@pytest.mark.slow  # a second subprocess; sample_quality itself is tested above
 def test_command_fid_writes_nothing_with_empty_out(tiny_run, classifier_path, tmp_path):
   proc = _evaluate(
     f"--workdir={tiny_run}", "--metric=fid", "--num_samples=8", "--sampler=ddim", "--steps=2",

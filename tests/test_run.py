@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -38,10 +39,11 @@ def test_load_run_holds_both_parameter_sets_and_writes_nothing(tiny_run):
   run = jaxdiff.load_run(tiny_run)
   assert run.step == 2 and run.image_shape == (8, 8, 1)
   assert run.config.training.num_steps == 2
-  ema, raw = run.model_fn("ema"), run.model_fn("raw")
   x, t = np.zeros((2, 8, 8, 1), np.float32), np.array([3, 7])
-  assert np.asarray(ema(x, t)).shape == (2, 8, 8, 1)
-  assert not np.allclose(ema(x, t), raw(x, t))  # EMA decay 0.5: they differ after 2 steps
+  call = jax.jit(lambda f: f(x, t))  # one compile for both: the parameters are arguments
+  ema, raw = call(run.model_fn("ema")), call(run.model_fn("raw"))
+  assert ema.shape == (2, 8, 8, 1)
+  assert not np.allclose(ema, raw)  # EMA decay 0.5: they differ after 2 steps
   with pytest.raises(ValueError, match=r"params='best'; allowed: ema, raw"):
     run.model_fn("best")
   assert _files(tiny_run) == before
@@ -79,10 +81,8 @@ def test_options_the_model_cannot_honour_are_clear_errors(tiny_run, run):
       sample_from_config(unconditional, run.diffusion, model_fn, None, 4, mesh=None, **option)
   with pytest.raises(ValueError, match=r"class_label=5 must be in 0..1"):
     run.sample(4, class_label=5)
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint 999 .* available: \[2\]"):
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint 999 .* available: \[(1, )?2\]"):
     jaxdiff.load_run(tiny_run, 999)
-  with pytest.raises(FileNotFoundError, match=r"carries evaluation metrics"):
-    jaxdiff.load_run(tiny_run, best=True)
 
 
 def test_workdir_without_checkpoint(tmp_path):
@@ -125,6 +125,8 @@ def test_sample_cli_reports_a_missing_run_without_a_traceback(tmp_path):
   assert "config.json not found" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # compiles the train step in a fresh process; train.py also runs in the
+# two-process test
 def test_train_cli_dry_run():
   out = _cli("train.py", "--config", "configs/tiny.py", "--dry_run")
   assert out.returncode == 0, out.stderr[-2000:]
@@ -133,38 +135,23 @@ def test_train_cli_dry_run():
     assert needle in out.stdout
 
 
-def test_evaluation_inside_training_keeps_the_best_checkpoint(image_dir, classifier_path, tmp_path):
-  config = tiny_config(
-    image_dir,
-    training__num_steps=4,
-    training__checkpoint_every=1,
-    training__keep_checkpoints=1,
-    training__learning_rate=3e-3,
-    training__warmup_steps=0,
-    eval__every=2,
-    eval__bpd_examples=8,
-    eval__fd_samples=8,
-    eval__batch_size=8,
-    eval__features_path=str(classifier_path),
-    eval__cache_dir=str(tmp_path / "cache"),
-    eval__best_metric="bpd",
-  )
-  training.train(config, tmp_path / "run")
-  lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+def test_evaluation_inside_training_keeps_the_best_checkpoint(tiny_run):
+  lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
   evals = {r["step"]: r for r in map(json.loads, lines) if "eval_bpd" in r}
-  assert sorted(evals) == [2, 4]
+  assert sorted(evals) == [1, 2]
   for r in evals.values():
     assert np.isfinite(r["eval_bpd"]) and r["eval_bpd_stderr"] > 0
     assert r["eval_fd"] > 0 and 1 <= r["eval_is"] <= 2  # two classes
-  assert list((tmp_path / "cache").glob("*.npz"))  # the reference statistics, cached
+  assert list((tiny_run / "cache").glob("*.npz"))  # the reference statistics, cached
   best = min(evals, key=lambda s: evals[s]["eval_bpd"])
-  ckpt = checkpoints.Checkpointer(tmp_path / "run" / "checkpoints", best_metric="eval_bpd")
+  ckpt = checkpoints.Checkpointer(tiny_run / "checkpoints", best_metric="eval_bpd")
   kept = ckpt.all_steps()
   ckpt.close()
-  assert kept == sorted({best, 4})  # the newest, and the best beside it
-  run = jaxdiff.load_run(tmp_path / "run", best=True)
+  assert kept == sorted({best, 2})  # the newest (keep_checkpoints=1), and the best beside it
+  run = jaxdiff.load_run(tiny_run, best=True)
   assert run.step == best
   # The loop evaluated the parameters it held; evaluating the checkpoint gives the same bound.
+  config = run.config
   bpd = jaxdiff.evaluation.bits_per_dim(
     run.diffusion,
     run.model_fn(),

@@ -145,6 +145,7 @@ def test_gradient_accumulation_matches_the_full_batch():
   chex.assert_trees_all_close(state4.params, state1.params, atol=1e-5)
 
 
+@pytest.mark.slow  # a train step of its own (~35 s); the sampler is tested in test_losses.py
 def test_importance_sampled_t_trains_and_fills_the_history():
   config = _config(diffusion__t_sampler="importance", diffusion__loss_type="kl")
   state, losses = _run_steps(config, parallel.make_mesh(1), _batches(2))
