@@ -13,6 +13,7 @@ import pytest
 from configs import tiny
 from jaxdiff import data, parallel, training
 from jaxdiff.io import checkpoints
+from tests.conftest import tiny_config
 
 
 def _config(image_dir=None, **overrides):
@@ -78,19 +79,25 @@ def test_ema_decay_warmup():
 
 
 def test_init_state_ema_is_a_copy_and_step_updates_ema():
-  config = _config()
+  config = _config(training__learning_rate=3e-3, training__warmup_steps=0)  # as the next test
   mesh = parallel.make_mesh(1)
   graphdef, _, optimizer, diffusion = training.build(config)
   state = training.init_state(config, optimizer, jax.random.key(0))
   chex.assert_trees_all_equal(state.params, state.ema_params)
   leaf, ema_leaf = jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema_params)[0]
   assert leaf.unsafe_buffer_pointer() != ema_leaf.unsafe_buffer_pointer()  # donation-safe
-  step = jax.jit(training.make_train_step(config, graphdef, optimizer, diffusion))
+  # The sharded, donating step of the next test (the same program: one compile serves both).
+  shardings = parallel.state_sharding(mesh, training.abstract_state(config, optimizer))
+  state = training.create_state(config, optimizer, jax.random.key(0), shardings)
+  start_ema = jax.device_get(state.ema_params)  # the step donates `state`
+  step = training.jit_train_step(
+    training.make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings
+  )
   batch = parallel.global_batch(mesh, _batches(1)[0])
   new, metrics = step(state, batch, jax.random.key(1))
   assert int(new.step) == 1
   # step 0: decay = min(0.9999, 1/10) = 0.1
-  expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, state.ema_params, new.params)
+  expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, start_ema, new.params)
   chex.assert_trees_all_close(new.ema_params, expected, rtol=1e-6, atol=1e-7)
   chex.assert_tree_all_finite(metrics)
   assert set(metrics) >= {"loss", "grad_norm", "lr", "param_norm"}
@@ -222,13 +229,19 @@ def _inject(monkeypatch, at_batch, action):
   monkeypatch.setattr(data, "make_iterator", make_iterator)
 
 
+def _loop_config(image_dir, **overrides):
+  # The model and step of the session's `tiny_run` (class-conditional, EMA decay 0.5): the
+  # compiled train step is the same program, so the persistent compile cache serves it.
+  return tiny_config(image_dir, model__class_conditional=True, training__ema_decay=0.5, **overrides)
+
+
 def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch):
   def poison(batch):
     batch["image"] = np.full_like(batch["image"], np.nan)
     return batch
 
   _inject(monkeypatch, 3, poison)
-  config = _config(image_dir, training__num_steps=8, training__checkpoint_every=1)
+  config = _loop_config(image_dir, training__num_steps=8, training__checkpoint_every=1)
   with pytest.raises(
     training.NonFiniteLossError, match=r"non-finite loss=nan.* at step 3; .*step 2"
   ):
@@ -244,7 +257,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(image_dir, tmp_path, monkeypatch):
     return batch
 
   _inject(monkeypatch, 2, send_sigterm)
-  config = _config(image_dir, training__num_steps=50, training__checkpoint_every=100)
+  config = _loop_config(image_dir, training__num_steps=50, training__checkpoint_every=100)
   training.train(config, tmp_path)
   ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
   assert ckpt.latest_step() == 2
