@@ -29,6 +29,7 @@ from jaxdiff import models, parallel
 from jaxdiff.core import diffusion as diffusion_lib
 from jaxdiff.io import checkpoints, images
 from jaxdiff.sampling import sample_from_config
+from jaxdiff.training.evaluator import best_metric_key
 from jaxdiff.training.state import abstract_state, build
 
 PARAMS = ("ema", "raw")
@@ -159,8 +160,7 @@ def load_run(
   directory = workdir / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint in {directory.absolute()}: train first (train.py)")
-  best_metric = f"eval_{config.eval.best_metric}" if config.eval.get("best_metric") else None
-  ckpt = checkpoints.Checkpointer(directory, best_metric=best_metric)
+  ckpt = checkpoints.Checkpointer(directory, best_metric=best_metric_key(config))
   try:
     step = _pick_step(ckpt, step, best)
     state, _ = ckpt.restore(abstract, parallel.state_sharding(mesh, abstract), step)

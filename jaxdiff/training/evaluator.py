@@ -33,8 +33,12 @@ BEST_METRICS = ("bpd", "fd")
 
 
 def best_metric_key(config: ml_collections.ConfigDict) -> str | None:
-  """The logged key the best checkpoint is chosen by (lower is better), or None."""
-  return f"eval_{config.eval.best_metric}" if config.eval.best_metric else None
+  """The logged key the best checkpoint is chosen by (lower is better), or None.
+
+  Runs written before ``eval.best_metric`` existed have none.
+  """
+  metric = config.eval.get("best_metric")
+  return f"eval_{metric}" if metric else None
 
 
 def check(config: ml_collections.ConfigDict) -> None:
