@@ -1,10 +1,12 @@
-"""Sample images from a trained run: a thin wrapper over ``python -m jaxdiff.cli.sample``.
+"""Sample images from a trained run: the same as ``jaxdiff sample`` (see ``jaxdiff/cli/sample.py``).
 
   python sample.py --workdir runs/fmnist --num_samples 64 --sampler ddim --steps 50 --seed 0 \\
-    --out runs/fmnist/grid
+      --out runs/fmnist/grid
 """
 
-from jaxdiff.cli.sample import run
+import sys
+
+from jaxdiff.cli import run_command
 
 if __name__ == "__main__":
-  run()
+  run_command("sample", sys.argv)

@@ -1,10 +1,12 @@
-"""Train a diffusion model: a thin wrapper over ``python -m jaxdiff.cli.train``.
+"""Train a diffusion model: the same as ``jaxdiff train`` (see ``jaxdiff/cli/train.py``).
 
-python train.py --config configs/fashion_mnist.py --workdir runs/fmnist
-python train.py --config configs/cifar10.py --workdir /tmp/c --dry_run
+  python train.py --config configs/fashion_mnist.py --workdir runs/fmnist \\
+      --config.data.manual_dir=../shared/data/fashion_mnist
 """
 
-from jaxdiff.cli.train import run
+import sys
+
+from jaxdiff.cli import run_command
 
 if __name__ == "__main__":
-  run()
+  run_command("train", sys.argv)

@@ -57,6 +57,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--fd_samples", type=int, default=256)
   p.add_argument("--skip_samplers", action="store_true", help="only the training-time part")
   p.add_argument("--cache_dir", default=None)
+  p.add_argument(
+    "--manual_dir", default="../shared/data/fashion_mnist", help="the official raw files"
+  )
   return p.parse_args(argv)
 
 
@@ -64,12 +67,13 @@ def _steps(text: str) -> list[int]:
   return [int(s) for s in text.split(",") if s]
 
 
-def _train(workdir: Path, checkpoint_every: int) -> None:
+def _train(workdir: Path, checkpoint_every: int, manual_dir: str) -> None:
   from configs import fashion_mnist
   from jaxdiff import training
   from jaxdiff.io import checkpoints
 
   config = fashion_mnist.get_config()
+  config.data.manual_dir = manual_dir
   config.training.checkpoint_every = checkpoint_every
   config.training.keep_checkpoints = config.training.num_steps // checkpoint_every + 1
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints")
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
   from jaxdiff.run import load_run
 
   started = time.perf_counter()
-  _train(workdir, args.checkpoint_every)
+  _train(workdir, args.checkpoint_every, args.manual_dir)
   minutes = _minutes_at(workdir)
   run = load_run(workdir)
   config = run.config

@@ -3,11 +3,11 @@
 tfds' celeb_a needs its raw files (``data.manual_dir``) or a download to prepare.
 """
 
-from configs import default
+from jaxdiff.config import get_config as defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults()
   config.data.name = "celeb_a"
   config.data.image_size = 64
   config.data.channels = 3

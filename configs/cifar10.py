@@ -8,12 +8,12 @@ batch 128, gradient clipping at 1, EMA 0.9999, random horizontal flips, 800k ste
 
 import ml_collections
 
-from configs import default
+from jaxdiff.config import get_config as defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The DDPM CIFAR-10 config (locked; derived from configs.default)."""
-  config = default.get_config()
+  """The DDPM CIFAR-10 config (locked; derived from jaxdiff.config)."""
+  config = defaults()
 
   data = config.data
   data.name = "cifar10"

@@ -1,10 +1,11 @@
 """MNIST, 28x28 grey: the Fashion-MNIST model on digits."""
 
-from configs import fashion_mnist
+import os
+
+from jaxdiff.config import from_file
 
 
 def get_config():
-  config = fashion_mnist.get_config()
+  config = from_file(os.path.join(os.path.dirname(__file__), "fashion_mnist.py"))
   config.data.name = "mnist"
-  config.data.manual_dir = "../shared/data/mnist"
   return config

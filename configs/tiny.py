@@ -1,10 +1,10 @@
 """A model and run small enough for tests: seconds on one CPU core."""
 
-from configs import default
+from jaxdiff.config import get_config as defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults()
   config.data.image_size = 8
   config.data.channels = 1
   config.model.ch = 32

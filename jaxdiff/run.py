@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdiff import models, parallel
+from jaxdiff.config import get_config
 from jaxdiff.core import diffusion as diffusion_lib
-from jaxdiff.io import checkpoints, images
+from jaxdiff.io import checkpoints, files, images
 from jaxdiff.sampling import sample_from_config
 from jaxdiff.training.evaluator import best_metric_key
 from jaxdiff.training.state import abstract_state, build
@@ -40,7 +42,7 @@ class Run:
   """A run's config, model structure and both parameter sets at one checkpoint.
 
   Attributes:
-    workdir: the run's directory.
+    workdir: the run's directory (absolute if local; a ``gs://`` URI stays one).
     config: its ``config.json``, as a ConfigDict.
     step: the checkpoint's step.
     graphdef: the model's structure (NNX ``GraphDef``).
@@ -49,7 +51,7 @@ class Run:
     mesh: the devices the parameters are replicated over.
   """
 
-  workdir: Path
+  workdir: epath.Path
   config: ml_collections.ConfigDict
   step: int
   graphdef: nnx.GraphDef
@@ -110,22 +112,35 @@ class Run:
     return images.to_uint8(out)
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  """A run's ``config.json``.
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """A run's ``config.json`` (``workdir`` local or ``gs://``), with the schema's defaults for any
+  field the run's jaxdiff version did not have yet.
 
   Raises:
     FileNotFoundError: ``workdir`` has no ``config.json``.
   """
-  path = Path(workdir) / "config.json"
+  path = files.as_path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return _with_defaults(ml_collections.ConfigDict(json.loads(path.read_text())), get_config())
+
+
+def _with_defaults(
+  config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+  """``config`` plus every field of ``defaults`` it lacks (recursively); its own values kept."""
+  for key, default in defaults.items():
+    if key not in config:
+      config[key] = default
+    elif isinstance(default, ml_collections.ConfigDict):
+      _with_defaults(config[key], default)
+  return config
 
 
 def _pick_step(ckpt: checkpoints.Checkpointer, step: int | None, best: bool) -> int:
   available = ckpt.all_steps()
   if not available:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (train.py)")
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (jaxdiff train)")
   if best:
     step = ckpt.best_step()
     if step is None:
@@ -139,7 +154,11 @@ def _pick_step(ckpt: checkpoints.Checkpointer, step: int | None, best: bool) -> 
 
 
 def load_run(
-  workdir: str | Path, step: int | None = None, *, best: bool = False, mesh: Mesh | None = None
+  workdir: str | os.PathLike,
+  step: int | None = None,
+  *,
+  best: bool = False,
+  mesh: Mesh | None = None,
 ) -> Run:
   """Loads a training run's config and both parameter sets from one checkpoint.
 
@@ -152,15 +171,15 @@ def load_run(
   Raises:
     FileNotFoundError: not a run, no checkpoint, or no such step.
   """
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   config = read_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   graphdef, _, optimizer, _ = build(config)
   abstract = abstract_state(config, optimizer)
   directory = workdir / "checkpoints"
   if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoint in {directory.absolute()}: train first (train.py)")
-  ckpt = checkpoints.Checkpointer(directory, best_metric=best_metric_key(config))
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (jaxdiff train)")
+  ckpt = checkpoints.Checkpointer(directory, best_metric=best_metric_key(config), read_only=True)
   try:
     step = _pick_step(ckpt, step, best)
     state, _ = ckpt.restore(abstract, parallel.state_sharding(mesh, abstract), step)

@@ -13,6 +13,7 @@ from configs import fashion_mnist, tiny
 from jaxdiff import data
 from jaxdiff.evaluation import classifier, features
 from jaxdiff.training import classifier as training
+from tests.test_data import FASHION_MNIST_RAW
 
 # Small enough that training and evaluating take seconds on the 8 simulated devices.
 ARCH = {"widths": (8, 16), "feature_dim": 16, "num_groups": 4}
@@ -201,7 +202,8 @@ def test_failed_save_leaves_no_file_behind(trained, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_default_training_on_fashion_mnist(tmp_path):
   config = fashion_mnist.get_config()
-  try:  # prepares it from ../shared/data (config.data.manual_dir) when TensorFlow is there
+  config.data.manual_dir = str(FASHION_MNIST_RAW)
+  try:  # prepares it from ../shared/data when TensorFlow is there
     data.prepare(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
   except data.DatasetNotPreparedError as e:
     pytest.skip(str(e))

@@ -21,7 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from configs import default
+from jaxdiff import config as default
 from jaxdiff import data
 from jaxdiff.data import pipeline, preparation
 
@@ -239,7 +239,7 @@ def test_unprepared_dataset_gives_one_clear_error(tmp_path, monkeypatch):
     "t10k-labels-idx1-ubyte.gz",
     "jaxdiff[prepare]",
     "TensorFlow is not installed",
-    "python -m jaxdiff.cli.prepare --name mnist",
+    "jaxdiff prepare --name mnist",
   ]:
     assert part in message
   (tmp_path / "raw").mkdir()
@@ -416,7 +416,7 @@ class _NoTensorFlow(importlib.abc.MetaPathFinder):
     if name.split(".")[0] == "tensorflow":
       return importlib.machinery.ModuleSpec(name, _Loader())
 sys.meta_path.insert(0, _NoTensorFlow())
-from configs import default
+from jaxdiff import config as default
 from jaxdiff import data
 config = default.get_config()
 config.data.data_dir = sys.argv[1]

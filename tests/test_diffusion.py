@@ -296,7 +296,8 @@ def test_respace_composes_and_checks_indices():
 
 
 def test_from_config():
-  from configs import default, tiny
+  from configs import tiny
+  from jaxdiff import config as default
 
   c = default.get_config()
   d = D.from_config(c.diffusion)

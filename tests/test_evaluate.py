@@ -1,5 +1,5 @@
 """The evaluators on a randomly initialised model (no training run needed), the report writers,
-and ``python -m jaxdiff.cli.evaluate`` on the tiny trained run."""
+and ``jaxdiff evaluate`` on the tiny trained run."""
 
 import json
 import os
@@ -144,7 +144,7 @@ def test_sample_quality_record_determinism_and_report(setup, feature_net, tmp_pa
   assert reference.num == 48 and logits.shape == (48, 2)
   kwargs = dict(num_samples=16, batch_size=16, mesh=setup.mesh)
   a = evaluation.sample_quality(_sample_fn(setup), feature_net, reference, **kwargs)
-  assert a["metric"] == "fid" and a["num_samples"] == 16 and a["features"] == feature_net.name
+  assert a["metric"] == "fd" and a["num_samples"] == 16 and a["features"] == feature_net.name
   assert a["features"].startswith("classifier-image_folder-")
   assert a["fd"] >= 0 and np.isfinite(a["fd"]) and a["is_mean"] >= 1 - 1e-6
   assert a["preview"].shape == (16, 8, 8, 1) and a["preview"].dtype == np.uint8
@@ -155,7 +155,7 @@ def test_sample_quality_record_determinism_and_report(setup, feature_net, tmp_pa
 
   record = {"sampler": "ddim", "steps": 4, "step": 0, "params": "ema", **a}
   json_path, png_path = map(Path, evaluation.write_fid(tmp_path / "out", record))
-  assert json_path.name == f"fid_ddim4_n16_step0_ema_{feature_net.name}.json"
+  assert json_path.name == f"fd_ddim4_n16_step0_ema_{feature_net.name}.json"
   assert json.loads(json_path.read_text())["fd"] == a["fd"] and png_path.stat().st_size > 100
   with pytest.raises(ValueError, match="num_samples=1"):
     evaluation.sample_quality(
@@ -181,9 +181,7 @@ def test_missing_default_classifier_says_how_to_make_one(setup, tmp_path, monkey
     evaluation.feature_net("classifier", None, setup.config.data)
   message = str(e.value)
   assert str(default) in message
-  assert (
-    f"python -m jaxdiff.cli.train_classifier --config YOUR_CONFIG.py --out {default}" in message
-  )
+  assert f"jaxdiff train-classifier --config YOUR_CONFIG.py --out {default.parent}" in message
   assert "--train_classifier" in message
   assert not list(tmp_path.rglob("*"))  # nothing was trained or written
 
@@ -200,7 +198,7 @@ def _evaluate(*flags: str) -> subprocess.CompletedProcess:
     JAXDIFF_CPU_DEVICES="2",
     JAX_COMPILATION_CACHE_DIR=os.path.abspath(cache),
   )
-  cmd = [sys.executable, "-m", "jaxdiff.cli.evaluate", *flags]
+  cmd = [sys.executable, "-m", "jaxdiff", "evaluate", *flags]
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -220,13 +218,14 @@ def test_command_prints_one_json_line_and_writes_files(tiny_run, tmp_path):
 @pytest.mark.slow  # a second subprocess; sample_quality itself is tested above
 def test_command_fid_writes_nothing_with_empty_out(tiny_run, classifier_path, tmp_path):
   proc = _evaluate(
-    f"--workdir={tiny_run}", "--metric=fid", "--num_samples=8", "--sampler=ddim", "--steps=2",
+    f"--workdir={tiny_run}", "--metric=fd", "--num_samples=8", "--sampler=ddim", "--steps=2",
     f"--features_path={classifier_path}", f"--cache_dir={tmp_path}", "--out=",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads(proc.stdout.strip().splitlines()[-1])
   assert record["features"].startswith("classifier-image_folder-") and record["num_samples"] == 8
   assert record["sampler"] == "ddim" and record["steps"] == 2 and record["step"] == 2
+  assert record["metric"] == "fd"  # classifier features: not the FID
   assert np.isfinite(record["fd"]) and "files" not in record and "preview" not in record
   assert not (tiny_run / "eval").exists()
   assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]  # only the reference statistics
@@ -234,12 +233,16 @@ def test_command_fid_writes_nothing_with_empty_out(tiny_run, classifier_path, tm
 
 def test_command_errors_are_one_line(tiny_run, tmp_path):
   proc = _evaluate(
-    f"--workdir={tiny_run}", "--metric=fid", "--num_samples=4", f"--cache_dir={tmp_path}"
+    f"--workdir={tiny_run}",
+    "--metric=fd",
+    "--num_samples=4",
+    f"--cache_dir={tmp_path}",
+    "--features_path=",  # the run's config names a classifier file: ask for the default one
   )
   assert proc.returncode == 1
   error = proc.stderr.strip().splitlines()[-1]
   assert error.startswith("error: no classifier for dataset 'image_folder'")
-  assert "python -m jaxdiff.cli.train_classifier" in error and "Traceback" not in proc.stderr
+  assert "jaxdiff train-classifier" in error and "Traceback" not in proc.stderr
   assert not list(tmp_path.iterdir())
 
 
@@ -259,3 +262,4 @@ def test_sample_quality_with_the_inception_port(setup, tmp_path):
     _sample_fn(setup), net, reference, num_samples=8, batch_size=8, mesh=setup.mesh
   )
   assert np.isfinite(record["fd"]) and record["fd"] >= 0 and record["is_mean"] >= 1 - 1e-6
+  assert record["metric"] == "fid"  # Inception features: the published metric

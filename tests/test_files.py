@@ -28,3 +28,10 @@ def test_atomic_path_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     raise RuntimeError("disk full")
   assert target.read_bytes() == b"old"
   assert [p.name for p in tmp_path.iterdir()] == ["stats.npz"]
+
+
+def test_make_dirs_creates_a_local_folder_and_returns_it_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  made = files.make_dirs("a/b")
+  assert made == files.as_path(tmp_path / "a" / "b") and (tmp_path / "a" / "b").is_dir()
+  assert files.make_dirs(made) == made  # already there: fine

@@ -6,6 +6,8 @@ whole network at 75x75 (its minimum size) to keep the file fast.
 """
 
 import importlib.util
+import subprocess
+import sys
 
 import chex
 import jax
@@ -14,7 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdiff.cli import convert_inception
 from jaxdiff.evaluation import featurenet, inception
 
 SIZE = 75  # the smallest input Inception accepts: the cheapest full forward pass
@@ -97,9 +98,13 @@ def test_num_batches_tracked_is_ignored_and_pth_is_refused(state_dict, tmp_path)
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
 def test_convert_without_torch_fails_clearly(tmp_path):
-  with pytest.raises(SystemExit, match="^error: converting a .pth file needs PyTorch"):
-    convert_inception.main(["convert_inception", str(tmp_path / "in.pth"), str(tmp_path / "o.npz")])
-  assert not (tmp_path / "o.npz").exists()
+  weights = tmp_path / "in.pth"
+  weights.write_bytes(b"")
+  cmd = [sys.executable, "-m", "jaxdiff", "convert-inception", f"--weights={weights}"]
+  proc = subprocess.run([*cmd, f"--out={tmp_path / 'o'}"], capture_output=True, text=True)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.startswith("error: converting a .pth file needs PyTorch")
+  assert not (tmp_path / "o" / "inception.npz").exists()
 
 
 # ---- layers against float64 NumPy references ------------------------------------------------

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxdiff"
 
 # What each room may import from jaxdiff, lowest first. A room always may import itself.
 ALLOWED = {
+  "config": set(),  # the schema and defaults: ml_collections only
   "core": set(),
   "models": set(),
   "parallel": set(),
@@ -17,9 +18,11 @@ ALLOWED = {
   "sampling": {"core", "parallel"},
   "data": {"parallel", "io"},
   "evaluation": {"core", "models", "parallel", "sampling", "data", "io"},
-  "training": {"core", "models", "parallel", "sampling", "data", "io", "evaluation"},
-  "run": {"core", "models", "parallel", "sampling", "io", "training"},
-  "cli": {"core", "models", "parallel", "sampling", "data", "io", "evaluation", "training", "run"},
+  "training": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"},
+  "run": {"config", "core", "models", "parallel", "sampling", "io", "training"},
+  "cli": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"}
+  | {"training", "run"},
+  "__main__": {"cli"},  # python -m jaxdiff
 }
 # core is the maths: no third-party package but these.
 CORE_THIRD_PARTY = {"jax", "numpy", "flax"}

@@ -263,12 +263,3 @@ def test_sigterm_saves_a_checkpoint_and_stops(image_dir, tmp_path, monkeypatch):
   assert ckpt.latest_step() == 2
   ckpt.close()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
-
-
-@pytest.mark.slow  # imports TensorFlow
-def test_tensorboard_scalars(tmp_path):
-  pytest.importorskip("tensorflow", reason="TensorBoard output needs jaxdiff[tensorboard]")
-  log = training.MetricsLog(tmp_path / "metrics.jsonl", True, tensorboard_dir=tmp_path / "tb")
-  log.write({"step": 1, "loss": 0.5, "lr": 1e-4})
-  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-  assert log.read() == [{"step": 1, "loss": 0.5, "lr": 1e-4}]

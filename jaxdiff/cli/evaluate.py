@@ -1,19 +1,22 @@
 """Evaluate a trained run: the variational bound in bits/dim, or sample quality (FD / IS).
 
-  python -m jaxdiff.cli.evaluate --workdir runs/fashion_mnist --metric bpd --split test \\
-      --num_examples 1000
-  python -m jaxdiff.cli.evaluate --workdir runs/fashion_mnist --metric fid --num_samples 10000 \\
-      --sampler ddim --steps 100                    # features: jaxdiff's own classifier
-  python -m jaxdiff.cli.evaluate --workdir runs/cifar10 --metric fid --num_samples 50000 \\
-      --features inception --features_path pt_inception.npz          # the standard FID
+  jaxdiff evaluate --workdir runs/fmnist --metric bpd --split test --num_examples 1000
+  jaxdiff evaluate --workdir runs/fmnist --metric fd --num_samples 10000 --sampler ddim --steps 100
+  jaxdiff evaluate --workdir runs/cifar10 --metric fid --num_samples 50000 \\
+      --features_path pt_inception.npz                   # the standard FID: Inception features
 
-Loads the run (``jaxdiff.run.load_run``), calls the evaluator (``jaxdiff.evaluation``), writes
-the record and its other outputs under ``--out`` (default ``WORKDIR/eval``; ``--out=''`` writes
-nothing; process 0 writes, each file atomically) and prints it as one JSON line. ``bpd`` reads
-the first N examples of a split; ``fid`` compares the features of N samples, quantised to 8 bits,
-with the reference split's statistics (cached per dataset/split/network in ``--cache_dir``).
-The default feature network is the dataset's classifier from the cache: when there is none, the
-command says how to train one, or trains it first if given ``--train_classifier``.
+``fd`` is the Fréchet distance between the features of samples and of the reference split, with
+the feature network ``config.eval.features`` (default: jaxdiff's classifier of the dataset; it is
+not comparable with published FIDs); ``fid`` is the same with InceptionV3 features, the published
+metric. Options left unset come from the run's ``config.eval`` and ``config.sampling``;
+``--config.eval.KEY=value`` / ``--config.sampling.KEY=value`` change any of their fields for
+this command, and the short flags are other names for the same fields.
+
+Loads the run (``jaxdiff.load_run``), calls the evaluator (``jaxdiff.evaluation``), writes the
+record and its other outputs under ``--out`` (default ``WORKDIR/eval``; ``--out=''`` writes
+nothing; process 0 writes, each file atomically) and prints it as one JSON line. When the
+default classifier is not in the cache, the command says how to train one, or trains it first
+with ``--train_classifier``.
 """
 
 from __future__ import annotations
@@ -21,74 +24,152 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from absl import app, flags
 
+from jaxdiff import cli
+from jaxdiff.cli import overrides
+
 flags.DEFINE_string("workdir", None, "The training run's directory.")
-flags.DEFINE_enum("metric", None, ["bpd", "fid"], "What to evaluate.")
-flags.DEFINE_string("split", None, "Data split (default: config.eval.split).")
+flags.DEFINE_enum("metric", None, ["bpd", "fd", "fid"], "What to evaluate (see above).")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to load (default: the newest).")
-flags.DEFINE_enum("params", "ema", ["ema", "raw"], "The EMA or the raw parameters.")
-flags.DEFINE_integer("seed", 0, "Noise (bpd) or sampling (fid) seed.")
-flags.DEFINE_integer(
-  "batch_size", None, "bpd: examples per batch (default: config.eval.batch_size); fid: samples"
-  " per chunk (default: config.sampling.batch_size)."
-)  # fmt: skip
+flags.DEFINE_bool("best", False, "Load the checkpoint kept as the best by eval.best_metric.")
+flags.DEFINE_enum("params", "ema", ["ema", "raw"], "The EMA or the optimiser's parameters.")
+flags.DEFINE_integer("seed", 0, "Noise (bpd) or sampling (fd, fid) seed.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval; '' writes nothing).")
-flags.DEFINE_integer(
-  "num_examples", None, "bpd: the first N examples (0 = all; default: config.eval.num_examples)."
-)
 flags.DEFINE_integer("t_chunk", 100, "bpd: timesteps per compiled scan.")
-flags.DEFINE_integer("num_samples", 10_000, "fid: how many samples.")
-flags.DEFINE_string("sampler", None, "fid: the sampler (default: config.sampling.sampler).")
-flags.DEFINE_integer("steps", None, "fid: sampler steps (default: config.sampling.num_steps).")
-flags.DEFINE_float("eta", None, "fid: DDIM eta (default: config.sampling.eta).")
-flags.DEFINE_enum("features", "classifier", ["classifier", "inception"], "fid: feature network.")
-flags.DEFINE_string("features_path", None, "fid: the feature network's weight file.")
-flags.DEFINE_string("cache_dir", None, "fid: cache (default: $JAXDIFF_CACHE or ~/.cache/jaxdiff).")
 flags.DEFINE_bool(
-  "train_classifier", False, "fid: train and cache the dataset's default classifier first if"
+  "train_classifier", False, "fd: train and cache the dataset's default classifier first if"
   " there is none (minutes on a CPU)."
 )  # fmt: skip
+# Short flags: other names for fields of config.eval and config.sampling.
+flags.DEFINE_string("split", None, "Data split (config.eval.split).")
+flags.DEFINE_integer(
+  "batch_size",
+  None,
+  "Images per batch of the bound and of feature extraction (config.eval.batch_size).",
+)
+flags.DEFINE_integer(
+  "num_examples", None, "bpd: the first N examples, 0 = all (config.eval.num_examples)."
+)
+flags.DEFINE_integer("num_samples", None, "fd, fid: how many samples (config.eval.num_samples).")
+flags.DEFINE_string("sampler", None, "fd, fid: the sampler (config.sampling.sampler).")
+flags.DEFINE_integer("steps", None, "fd, fid: sampler steps (config.sampling.num_steps).")
+flags.DEFINE_float("eta", None, "fd, fid: DDIM eta (config.sampling.eta).")
+flags.DEFINE_string("features", None, "fd: classifier | inception (config.eval.features).")
+flags.DEFINE_string(
+  "features_path", None, "fd, fid: the feature network's weight file (config.eval.features_path)."
+)
+flags.DEFINE_string(
+  "cache_dir",
+  None,
+  "Reference statistics and classifiers (config.eval.cache_dir; '' = $JAXDIFF_CACHE or"
+  " ~/.cache/jaxdiff).",
+)
 flags.mark_flags_as_required(["workdir", "metric"])
+overrides.define(["eval", "sampling"])
+cli.define_common_flags()
+flags.declare_key_flag("compilation_cache_dir")
 FLAGS = flags.FLAGS
 
+SHORTHANDS = {
+  "split": "eval.split",
+  "batch_size": "eval.batch_size",
+  "num_examples": "eval.num_examples",
+  "num_samples": "eval.num_samples",
+  "sampler": "sampling.sampler",
+  "steps": "sampling.num_steps",
+  "eta": "sampling.eta",
+  "features": "eval.features",
+  "features_path": "eval.features_path",
+  "cache_dir": "eval.cache_dir",
+}
 
-def _out_dir() -> Path | None:
+
+def _out_dir() -> Any:
+  from jaxdiff.io import files
+
   if FLAGS.out is None:
-    return Path(FLAGS.workdir) / "eval"
-  return Path(FLAGS.out) if FLAGS.out else None
+    return files.as_path(FLAGS.workdir) / "eval"
+  return files.as_path(FLAGS.out) if FLAGS.out else None
+
+
+def _check(config: Any) -> list[str]:
+  """Every problem with the options this metric uses, before anything is loaded."""
+  ecfg, problems = config.eval, []
+  if FLAGS.metric == "bpd":
+    if ecfg.num_examples < 0:
+      problems.append(f"eval.num_examples={ecfg.num_examples}: an integer >= 0 (0 = all)")
+    if FLAGS.t_chunk < 1:
+      problems.append(f"t_chunk={FLAGS.t_chunk}: an integer >= 1")
+  else:
+    from jaxdiff import evaluation
+    from jaxdiff.sampling import check_sampling
+
+    problems += check_sampling(config)
+    if ecfg.num_samples < 2:
+      problems.append(f"eval.num_samples={ecfg.num_samples}: at least 2 (a covariance)")
+    try:
+      evaluation.check_kind(ecfg.features, ecfg.features_path or None)
+    except (ValueError, FileNotFoundError) as e:
+      problems.append(str(e))
+  if ecfg.batch_size < 1:
+    problems.append(f"eval.batch_size={ecfg.batch_size}: an integer >= 1")
+  return problems
+
+
+def _config() -> Any:
+  """The run's config with this command's overrides, checked."""
+  from jaxdiff import run as run_lib
+
+  if FLAGS.checkpoint_step is not None and FLAGS.best:
+    raise app.UsageError("--checkpoint_step and --best both choose the checkpoint; give one")
+  if FLAGS.out:
+    overrides.check_out_dir(FLAGS.out)
+  values = overrides.collect(["eval", "sampling"], SHORTHANDS)
+  config = run_lib.read_config(FLAGS.workdir)
+  if FLAGS.metric == "fid":  # FID means Inception features
+    if values.setdefault("eval.features", "inception") != "inception":
+      raise app.UsageError(
+        f"--metric fid uses Inception features, not {values['eval.features']!r}; for a"
+        " Fréchet distance of other features use --metric fd"
+      )
+    if config.eval.features != "inception":  # the run's features_path is another network's
+      values.setdefault("eval.features_path", "")
+  config = overrides.apply(config, values)
+  if problems := _check(config):
+    raise app.UsageError("; ".join(problems))
+  return config
+
+
+def _load(config: Any) -> Any:
+  import dataclasses
+
+  from jaxdiff.run import load_run
+
+  run = load_run(FLAGS.workdir, FLAGS.checkpoint_step, best=FLAGS.best)
+  return dataclasses.replace(run, config=config)
 
 
 def _context(run: Any) -> dict[str, Any]:
   return {"workdir": str(FLAGS.workdir), "step": run.step, "params": FLAGS.params}
 
 
-def _bpd() -> dict[str, Any]:
+def _bpd(config: Any) -> dict[str, Any]:
   import jax
 
   from jaxdiff import data, evaluation
-  from jaxdiff.run import load_run
 
-  run = load_run(FLAGS.workdir, FLAGS.checkpoint_step)
-  ecfg = run.config.eval
-  split = FLAGS.split or ecfg.split
-  n = ecfg.num_examples if FLAGS.num_examples is None else FLAGS.num_examples
-  images = data.read_examples(run.config.data, split, n or None)  # 0 = all
+  ecfg = config.eval
+  images = data.read_examples(config.data, ecfg.split, ecfg.num_examples or None)  # 0 = all
+  run = _load(config)
   record = evaluation.bits_per_dim(
-    run.diffusion,
-    run.model_fn(FLAGS.params),
-    images,
-    seed=FLAGS.seed,
-    batch_size=FLAGS.batch_size or ecfg.batch_size,
-    t_chunk=FLAGS.t_chunk,
-    clip_denoised=bool(ecfg.clip_denoised),
-    mesh=run.mesh,
-    progress=True,
-  )
-  record = {"metric": "bpd", **_context(run), "split": split, **record}
+    run.diffusion, run.model_fn(FLAGS.params), images, seed=FLAGS.seed,
+    batch_size=ecfg.batch_size, t_chunk=FLAGS.t_chunk, clip_denoised=bool(ecfg.clip_denoised),
+    mesh=run.mesh, progress=True,
+  )  # fmt: skip
+  record = {"metric": "bpd", **_context(run), "split": ecfg.split, **record}
   if (out := _out_dir()) is not None and jax.process_index() == 0:
     record["files"] = evaluation.write_bpd(out, record)
   return record
@@ -96,12 +177,12 @@ def _bpd() -> dict[str, Any]:
 
 def _feature_net(config: Any) -> Any:
   """The feature network; with --train_classifier a missing default classifier is trained."""
-  import jax
 
   from jaxdiff import evaluation
   from jaxdiff.training import classifier
 
-  kind, path, cache = FLAGS.features, FLAGS.features_path, FLAGS.cache_dir
+  ecfg = config.eval
+  kind, path, cache = ecfg.features, ecfg.features_path or None, ecfg.cache_dir or None
   try:
     return evaluation.feature_net(kind, path, config.data, cache)
   except FileNotFoundError:
@@ -109,57 +190,49 @@ def _feature_net(config: Any) -> Any:
       raise
   default = evaluation.default_classifier_path(config.data, cache)
   print(f"training the classifier of {config.data.name} into {default}", file=sys.stderr)
-  classifier.train(config, default, progress=jax.process_index() == 0)
+  classifier.train(config, default, progress=True)
   return evaluation.feature_net("classifier", default, config.data, cache)
 
 
-def _sample_fn(run: Any, sampler: dict[str, Any]) -> Any:
+def _sample_fn(run: Any) -> Any:
   """``(key, n) -> float samples [n, H, W, C]``, drawn as the run's ``config.sampling`` says."""
   import jax
 
   from jaxdiff.sampling import sample_from_config
 
   model_fn = run.model_fn(FLAGS.params)
-  overrides = {"sampler": sampler["sampler"], "num_steps": sampler["steps"], "eta": sampler["eta"]}
 
   def sample_fn(key: jax.Array, n: int) -> Any:
     return sample_from_config(
-      run.config, run.diffusion, model_fn, key, n, mesh=run.mesh, batch_size=FLAGS.batch_size,
-      progress=jax.process_index() == 0, **overrides,
+      run.config, run.diffusion, model_fn, key, n, mesh=run.mesh,
+      progress=True,
     )  # fmt: skip
 
   return sample_fn
 
 
-def _fid() -> dict[str, Any]:
+def _fd(config: Any) -> dict[str, Any]:
   import jax
 
   from jaxdiff import evaluation
-  from jaxdiff.run import load_run
 
-  evaluation.check_kind(FLAGS.features, FLAGS.features_path)  # before the slow parts
-  if FLAGS.num_samples < 2:
-    raise ValueError(f"num_samples={FLAGS.num_samples}: a covariance needs at least 2")
-  run = load_run(FLAGS.workdir, FLAGS.checkpoint_step)
-  config, scfg = run.config, run.config.sampling
-  split = FLAGS.split or config.eval.split
+  ecfg, scfg = config.eval, config.sampling
   net = _feature_net(config)
-  cache = evaluation.cache_dir(FLAGS.cache_dir)
+  run = _load(config)
   reference, _ = evaluation.reference_stats(
-    net, config.data, split=split, cache_dir=cache, batch_size=config.eval.batch_size,
-    mesh=run.mesh, progress=True,
+    net, config.data, split=ecfg.split, cache_dir=evaluation.cache_dir(ecfg.cache_dir or None),
+    batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
   )  # fmt: skip
-  sampler = {
-    "sampler": FLAGS.sampler or scfg.sampler,
-    "steps": FLAGS.steps or scfg.num_steps,
-    "eta": scfg.eta if FLAGS.eta is None else FLAGS.eta,
-  }
   record = evaluation.sample_quality(
-    _sample_fn(run, sampler), net, reference, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
-    batch_size=config.eval.batch_size, mesh=run.mesh,
+    _sample_fn(run), net, reference, num_samples=ecfg.num_samples, seed=FLAGS.seed,
+    batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
   )  # fmt: skip
-  reference_name = f"{config.data.name}:{split}"
-  record = {"metric": "fid", **_context(run), **sampler, **record, "reference": reference_name}
+  sampler = {"sampler": scfg.sampler, "steps": scfg.num_steps, "eta": scfg.eta}
+  record = {
+    **_context(run), **sampler, **record, "reference": f"{config.data.name}:{ecfg.split}",
+  }  # fmt: skip
+  record.pop("metric", None)  # the evaluator's name for it; this command's is fd or fid
+  record = {"metric": FLAGS.metric, **record}
   if (out := _out_dir()) is not None and jax.process_index() == 0:
     record["files"] = evaluation.write_fid(out, record)
   return record
@@ -176,28 +249,24 @@ def _show_library_logs() -> None:
   logger.propagate = False
 
 
-def main(argv: list[str]) -> None:
-  """Prints the record as one JSON line (process 0); an expected error (bad options, missing
-  files, an unprepared dataset) ends the command with one line on stderr and exit status 1."""
-  from jaxdiff.cli import start_jax
-
-  start_jax(argv)
+def _evaluate() -> None:
   import jax
 
-  from jaxdiff import data, evaluation
+  from jaxdiff import evaluation
 
+  config = _config()
   _show_library_logs()
-  try:
-    record = _bpd() if FLAGS.metric == "bpd" else _fid()
-  except (ValueError, FileNotFoundError, data.DatasetNotPreparedError) as e:
-    raise SystemExit(f"error: {e}") from None
+  record = _bpd(config) if FLAGS.metric == "bpd" else _fd(config)
   if jax.process_index() == 0:
     print(json.dumps(evaluation.json_record(record)), flush=True)
 
 
-def run() -> None:
-  app.run(main)
+def main(argv: list[str]) -> None:
+  """Prints the record as one JSON line (process 0); an expected error (bad options, missing
+  files, an unprepared dataset) ends the command with one line on stderr and exit status 1."""
+  cli.start_jax(argv)
+  cli.reporting_errors(_evaluate)
 
 
 if __name__ == "__main__":
-  run()
+  cli.run_main(main)

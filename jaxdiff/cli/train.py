@@ -1,39 +1,50 @@
 """Train a diffusion model.
 
-  python -m jaxdiff.cli.train --config configs/fashion_mnist.py --workdir runs/fmnist
-  python train.py --config configs/tiny.py --workdir /tmp/t --config.training.num_steps=10
-  python train.py --config configs/cifar10.py --workdir /tmp/c --dry_run
+  jaxdiff train --config configs/fashion_mnist.py --workdir runs/fmnist \\
+      --config.data.manual_dir=../shared/data/fashion_mnist
+  jaxdiff train --config my_config.py --workdir gs://bucket/runs/x --config.training.batch_size=256
+  jaxdiff train --config configs/cifar10.py --dry_run
 
-Re-running the same command on the same workdir resumes from its newest checkpoint.
+``--config`` is any config file (one defining ``get_config()``, usually starting from
+``jaxdiff.config.get_config()``); ``--config.SECTION.KEY=value`` overrides a field. Re-running the
+same command on the same workdir resumes from its newest checkpoint. The workdir may be local or
+``gs://``; on several hosts it must be storage they all share.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_bool("dry_run", False, "Build model and optimizer, print a summary, and exit.")
+from jaxdiff import cli
+from jaxdiff.cli import overrides
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (or gs://).")
+flags.DEFINE_bool("dry_run", False, "Build the model and optimizer, print a summary, and exit.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
+cli.define_common_flags()
+flags.declare_key_flag("compilation_cache_dir")
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
-  from jaxdiff.cli import start_jax
-
-  start_jax(argv)
+def _train() -> None:
   from jaxdiff import training
 
   if FLAGS.dry_run:
     print(training.dry_run(FLAGS.config))
     return
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required (except with --dry_run)")
   training.train(FLAGS.config, FLAGS.workdir)
 
 
-def run() -> None:
-  app.run(main)
+def main(argv: list[str]) -> None:
+  from absl import app
+
+  if not FLAGS.dry_run and not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (except with --dry_run)")
+  if FLAGS.workdir:
+    overrides.check_out_dir(FLAGS.workdir, "workdir")
+  cli.start_jax(argv)
+  cli.reporting_errors(_train)
 
 
 if __name__ == "__main__":
-  run()
+  cli.run_main(main)

@@ -4,7 +4,7 @@ Training calls ``prepare(data.name, data_dir=data.data_dir, manual_dir=data.manu
 reading (a no-op once prepared; with several hosts sharing data_dir, on one host only, then a
 barrier). Or prepare once by hand (needs ``pip install 'jaxdiff[prepare]'``)::
 
-  python -m jaxdiff.cli.prepare --name fashion_mnist --manual_dir ../shared/data/fashion_mnist \\
+  jaxdiff prepare --name fashion_mnist --manual_dir ../shared/data/fashion_mnist \\
       --data_dir ~/tensorflow_datasets
 
 (The module is not called ``prepare``: the package re-exports the function ``prepare``, which
@@ -20,22 +20,24 @@ import socket
 import tempfile
 import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import registered
 
-PREPARE_COMMAND = "python -m jaxdiff.cli.prepare"
+from jaxdiff.io import files
+
+PREPARE_COMMAND = "jaxdiff prepare"
 
 
 class DatasetNotPreparedError(RuntimeError):
   """The tfds dataset is not prepared in data_dir and cannot be prepared here."""
 
 
-def abspath(path: str | os.PathLike | None) -> str | None:
-  """``path`` expanded and absolute; None or "" stay None (tfds' default)."""
+def tfds_dir(path: str | os.PathLike | None) -> str | None:
+  """A ``data_dir`` / ``manual_dir`` as tfds takes it: a URI (``gs://...``) unchanged, a local
+  path expanded and absolute (``files.as_path``); None or "" stay None (tfds' default)."""
   # Relative paths (as CI passes them) are taken against the current working directory.
-  return os.path.abspath(os.path.expanduser(path)) if path else None
+  return os.fspath(files.as_path(path)) if path else None
 
 
 def tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -45,7 +47,7 @@ def tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     ValueError: tfds knows no dataset ``name`` (in one line; tfds' own message lists them all).
   """
   try:
-    return tfds.builder(name, data_dir=abspath(data_dir), file_format="array_record")
+    return tfds.builder(name, data_dir=tfds_dir(data_dir), file_format="array_record")
   except registered.DatasetNotFoundError:
     raise ValueError(
       f"data.name={name!r} is neither 'image_folder' nor a tfds dataset (see"
@@ -100,9 +102,10 @@ def _problems(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> list
   """Why ``builder`` cannot be prepared here ([] if it can)."""
   raw_files = _raw_files(builder)
   problems = []
-  if manual_dir and not os.path.isdir(manual_dir):
+  folder = files.as_path(manual_dir) if manual_dir else None
+  if folder and not folder.is_dir():
     problems.append(f"manual_dir {manual_dir} does not exist")
-  elif manual_dir and (missing := [f for f in raw_files if not Path(manual_dir, f).exists()]):
+  elif folder and (missing := [f for f in raw_files if not (folder / f).exists()]):
     problems.append(f"manual_dir {manual_dir} lacks {', '.join(sorted(missing))}")
   if not _has_tensorflow():
     problems.append("TensorFlow is not installed")
@@ -131,15 +134,11 @@ def prepare(name: str, *, data_dir: str | None, manual_dir: str | None = None) -
   builder = tfds_builder(name, data_dir)
   if builder.is_prepared():
     return
-  manual_dir = abspath(manual_dir)
+  manual_dir = tfds_dir(manual_dir)
   problems = _problems(builder, manual_dir)
   if problems:
     raise DatasetNotPreparedError(not_prepared_message(builder, problems))
-  downloads = Path(builder.data_dir_root) / "downloads"
-  downloads.mkdir(parents=True, exist_ok=True)
-  # One download dir per call: tfds names extracted files after the archive, and mnist and
-  # fashion_mnist archives share their names.
-  download_dir = tempfile.mkdtemp(prefix=f"{name}.", dir=downloads)
+  download_dir = _download_dir(builder)
   try:
     builder.download_and_prepare(
       download_dir=download_dir,
@@ -150,6 +149,18 @@ def prepare(name: str, *, data_dir: str | None, manual_dir: str | None = None) -
     raise DatasetNotPreparedError(message) from e
   finally:
     shutil.rmtree(download_dir, ignore_errors=True)
+
+
+def _download_dir(builder: tfds.core.DatasetBuilder) -> str:
+  """A new local folder for the raw files: ``DATA_DIR/downloads/NAME.*``, or in the system's
+  temporary folder when data_dir is remote (extracting archives needs a local disk)."""
+  # One download dir per call: tfds names extracted files after the archive, and mnist and
+  # fashion_mnist archives share their names.
+  root = os.fspath(builder.data_dir_root)
+  if files.is_uri(root):
+    return tempfile.mkdtemp(prefix=f"jaxdiff-{builder.name}.")
+  downloads = files.make_dirs(files.as_path(root) / "downloads")
+  return tempfile.mkdtemp(prefix=f"{builder.name}.", dir=downloads)
 
 
 def split_sizes(name: str, data_dir: str | None) -> dict[str, int]:

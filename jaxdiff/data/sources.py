@@ -5,27 +5,28 @@
   config are converted (grey <-> RGB) and center-cropped to their largest central square, then
   resized with PIL's antialiased bicubic filter (celeb_a 218x178 -> 178x178 -> 64x64).
   Datasets without a ``label`` feature get label 0.
-* ``data.name == "image_folder"``: every PNG/JPEG under ``data.image_folder`` (recursively,
-  sorted by path), cropped and resized the same way. If every image lies in a first-level
-  subfolder, the label is that subfolder's index among the sorted subfolder names (torchvision's
-  ImageFolder convention); otherwise every label is 0. The folder is one split: ``split`` is
-  ignored.
+* ``data.name == "image_folder"``: every PNG/JPEG under ``data.image_folder`` (local or
+  ``gs://``, listed and read through ``etils.epath``; recursively, sorted by path), cropped and
+  resized the same way. If every image lies in a first-level subfolder, the label is that
+  subfolder's index among the sorted subfolder names (torchvision's ImageFolder convention);
+  otherwise every label is 0. The folder is one split: ``split`` is ignored.
 * ``ArraySource``: images already in memory (samples, a fixed evaluation set), so that they go
   through the same split reader as a dataset does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from jaxdiff.data import preparation
+from jaxdiff.io import files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -55,10 +56,8 @@ class ImageFolderSource:
   def __init__(self, root: str, *, image_size: int, channels: int):
     if not root:
       raise ValueError("data.name is 'image_folder' but data.image_folder is empty")
-    root_path = Path(preparation.abspath(root))
-    self.paths = sorted(
-      p for p in root_path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    root_path = files.as_path(root)
+    self.paths = sorted(_image_files(root_path))
     if not self.paths:
       raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} files under {root_path}")
     parts = [p.relative_to(root_path).parts for p in self.paths]
@@ -71,9 +70,17 @@ class ImageFolderSource:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    with Image.open(self.paths[i]) as pil:
+    with self.paths[i].open("rb") as f, Image.open(f) as pil:
       image = _pil_to_image(pil, self.image_size, self.channels)
     return {"image": image, "label": self.labels[i]}
+
+
+def _image_files(root: epath.Path) -> Iterator[epath.Path]:
+  # walk() names files and folders apart: no stat per file, which on GCS is one request each.
+  for folder, _, names in root.walk():
+    for name in names:
+      if name.lower().endswith(IMAGE_EXTENSIONS):
+        yield folder / name
 
 
 class TfdsSource:
@@ -142,7 +149,7 @@ def make_source(data: ml_collections.ConfigDict, *, split: str) -> ImageFolderSo
     return ImageFolderSource(data.image_folder, image_size=data.image_size, channels=data.channels)
   preparation.check_prepared(preparation.tfds_builder(data.name, data.data_dir))
   source = tfds.data_source(
-    data.name, split=split, data_dir=preparation.abspath(data.data_dir), download=False
+    data.name, split=split, data_dir=preparation.tfds_dir(data.data_dir), download=False
   )
   return TfdsSource(source, image_size=data.image_size, channels=data.channels)
 

@@ -146,7 +146,8 @@ def bits_per_dim(
     clip_denoised: clip the model's x_0 estimates to [-1, 1] (True in the reference
       evaluations).
     mesh: defaults to ``parallel.make_mesh()``.
-    progress: show a tqdm bar (on process 0).
+    progress: show a tqdm bar (on process 0) labelled ``bits/dim (N examples, T timesteps)``
+      that advances per chunk of ``t_chunk`` timesteps of a batch, with the running bound.
 
   Returns:
     The record ``{"metric": "bpd", "bpd", "bpd_stderr", "prior_bpd", "decoder_bpd", "kl_bpd",
@@ -176,7 +177,9 @@ def bits_per_dim(
   chunks = [np.arange(s, min(s + k, T)) for s in range(0, T, k)]
   sums = _Sums.zeros(T, n)
   quiet = not progress or jax.process_index() != 0
-  bar = tqdm.tqdm(total=len(reader) * len(chunks), disable=quiet, unit="chunk", desc=f"bpd x{n}")
+  # One tick per compiled chunk of k timesteps of one batch: batches x chunks in all.
+  desc = f"bits/dim ({n} examples, {T} timesteps)"
+  bar = tqdm.tqdm(total=len(reader) * len(chunks), disable=quiet, unit="t-chunk", desc=desc)
   for b, batch in enumerate(reader):
     lo, hi = b * reader.batch_size, min((b + 1) * reader.batch_size, n)
     x = parallel.global_batch(

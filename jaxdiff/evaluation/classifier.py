@@ -5,7 +5,7 @@ is better measured in the feature space of a classifier trained on the data itse
 ``jaxdiff.training.classifier.train`` fits one and writes it with ``save`` to a single ``.npz``;
 ``feature_net`` loads it behind the ``FeatureNet`` interface. Train one with::
 
-  python -m jaxdiff.cli.train_classifier --config configs/fashion_mnist.py --out fmnist.npz
+  jaxdiff train-classifier --config configs/fashion_mnist.py --out weights/
 
 The network (``Classifier``, LeNet-like): stages of 3x3 convolutions (GroupNorm, SiLU), each
 stage ending in a 2x2 max-pool, then the flattened map goes through a dense layer whose SiLU
@@ -26,8 +26,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import jax
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from jaxdiff import data, parallel
@@ -145,13 +146,13 @@ def _write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
   np.savez(f, **arrays)
 
 
-def save(path: str | Path, params: nnx.State, meta: dict[str, Any]) -> Path:
-  """Writes ``params`` and ``meta`` to one ``.npz`` at ``path``, atomically.
+def save(path: str | os.PathLike, params: nnx.State, meta: dict[str, Any]) -> epath.Path:
+  """Writes ``params`` and ``meta`` to one ``.npz`` at ``path`` (local or ``gs://``), atomically.
 
-  The file is written under a temporary name in the same directory and renamed into place, so
-  a crash or error midway leaves any earlier file at ``path`` intact and no partial file behind.
+  Written through ``files.atomic_path``, so a crash or error midway leaves any earlier file at
+  ``path`` intact and no partial file behind. Returns ``path`` as ``files.as_path`` gives it.
   """
-  path = Path(path).expanduser()
+  path = files.as_path(path)
   arrays = _flat_params(params)
   meta = {**meta, "format_version": FORMAT_VERSION}
   arrays[META_KEY] = np.array(json.dumps(meta, sort_keys=True))
@@ -160,10 +161,10 @@ def save(path: str | Path, params: nnx.State, meta: dict[str, Any]) -> Path:
   return path
 
 
-def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _read_npz(path: epath.Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   if not path.is_file():
     raise FileNotFoundError(f"no classifier file at {path}")
-  with np.load(path, allow_pickle=False) as npz:
+  with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
     if META_KEY not in npz.files:
       raise ValueError(f"{path} is not a jaxdiff classifier file (no {META_KEY!r} entry)")
     meta = json.loads(str(npz[META_KEY]))
@@ -176,15 +177,15 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   return arrays, meta
 
 
-def load(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
-  """Loads a classifier written by ``save``: ``(model, metadata)``.
+def load(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
+  """Loads a classifier written by ``save`` (local or ``gs://``): ``(model, metadata)``.
 
   Raises:
     FileNotFoundError: no file at ``path``.
     ValueError: not a jaxdiff classifier file, an unknown format version, or parameters that do
       not match the recorded architecture.
   """
-  path = Path(path).expanduser()
+  path = files.as_path(path)
   arrays, meta = _read_npz(path)
   model = build_model(meta["channels"], meta["num_classes"], **architecture(meta))
   graphdef, state = nnx.split(model)
@@ -226,7 +227,7 @@ class _Apply:
     return nnx.merge(self.graphdef, params)(images.astype(jnp.float32))
 
 
-def feature_net(path: str | Path) -> FeatureNet:
+def feature_net(path: str | os.PathLike) -> FeatureNet:
   """The classifier at ``path`` as a ``FeatureNet`` (features = the penultimate dense layer).
 
   ``apply`` takes float32 NHWC images in [-1, 1] at the trained size and channel count and

@@ -30,11 +30,11 @@ def _images_and_mask(batch: Any) -> tuple[np.ndarray, np.ndarray]:
   return images, mask
 
 
-def _progress(items: Iterable[Any], feature_net: FeatureNet) -> Iterable[Any]:
+def _progress(items: Iterable[Any], desc: str) -> Iterable[Any]:
+  """``items`` under a tqdm bar labelled ``desc``, drawn on process 0 only."""
   from tqdm import tqdm
 
   total = len(items) if hasattr(items, "__len__") else None
-  desc = f"features ({feature_net.name})"
   return tqdm(items, total=total, desc=desc, unit="batch", disable=jax.process_index() != 0)
 
 
@@ -45,6 +45,7 @@ def compute_features(
   *,
   batch_size: int = 256,
   progress: bool = False,
+  desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray]:
   """Applies ``feature_net`` to images, batch by batch, under one ``jax.jit``.
 
@@ -63,7 +64,9 @@ def compute_features(
       it is read with a ``SplitReader`` in global batches of ``batch_size``.
     mesh: defaults to ``parallel.make_mesh()``.
     batch_size: global batch size when ``batches`` is one array.
-    progress: show a tqdm bar (on process 0).
+    progress: show a tqdm bar over the batches (on process 0).
+    desc: the bar's label, which says what is being extracted (e.g. ``"sample features"``);
+      the network's name is appended.
 
   Returns:
     NumPy ``features [N, D]`` and ``logits [N, K]`` of the unmasked rows on every process, step
@@ -77,7 +80,7 @@ def compute_features(
   if isinstance(batches, np.ndarray | jax.Array):
     source = data.ArraySource(np.asarray(batches))
     batches = data.SplitReader(source, batch_size=batch_size, multiple=mesh.size, prefetch=0)
-  items = _progress(batches, feature_net) if progress else batches
+  items = _progress(batches, f"{desc} ({feature_net.name})") if progress else batches
   local_devices = len(mesh.local_devices)
   padded_size = 0
   features, logits = [], []

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
+
+from jaxdiff.io import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +41,11 @@ class FeatureNet:
   num_classes: int
 
 
-def file_digest(path: str | Path, length: int = 8) -> str:
-  """The first ``length`` hex digits of the file's SHA-256 (names weights in cache keys)."""
+def file_digest(path: str | os.PathLike, length: int = 8) -> str:
+  """The first ``length`` hex digits of the file's SHA-256 (names weights in cache keys); the file
+  may be local or ``gs://``."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with files.as_path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()[:length]

@@ -20,21 +20,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from jaxdiff.evaluation import classifier, inception
 from jaxdiff.evaluation.featurenet import FeatureNet, file_digest
+from jaxdiff.io import files
 
 # kind -> loader(path) -> FeatureNet: a new network is one module and one line here.
-LOADERS: dict[str, Callable[[Path], FeatureNet]] = {
+LOADERS: dict[str, Callable[[epath.Path], FeatureNet]] = {
   "inception": inception.feature_net,
   "classifier": classifier.feature_net,
 }
 FEATURE_KINDS = tuple(LOADERS)
 DEFAULT_CACHE = "~/.cache/jaxdiff"
-TRAIN_CLASSIFIER_COMMAND = "python -m jaxdiff.cli.train_classifier"
+TRAIN_CLASSIFIER_COMMAND = "jaxdiff train-classifier"
 
 __all__ = [
   "FEATURE_KINDS",
@@ -48,15 +49,15 @@ __all__ = [
 ]
 
 
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
+def cache_dir(path: str | os.PathLike | None = None) -> epath.Path:
   """Where reference statistics and classifiers live: ``path``, ``$JAXDIFF_CACHE`` or
-  ``~/.cache/jaxdiff``."""
-  return Path(path or os.environ.get("JAXDIFF_CACHE") or DEFAULT_CACHE).expanduser()
+  ``~/.cache/jaxdiff`` (a local folder or a ``gs://`` URI; see ``files.as_path``)."""
+  return files.as_path(path or os.environ.get("JAXDIFF_CACHE") or DEFAULT_CACHE)
 
 
 def default_classifier_path(
   data_config: ml_collections.ConfigDict, cache: str | os.PathLike | None = None
-) -> Path:
+) -> epath.Path:
   """``CACHE/classifier-{dataset}-{size}x{channels}.npz``: the dataset's default classifier."""
   d = data_config
   return cache_dir(cache) / f"classifier-{d.name}-{d.image_size}x{d.channels}.npz"
@@ -67,13 +68,13 @@ def check_kind(kind: str, path: str | os.PathLike | None = None) -> None:
   without weights."""
   if kind not in LOADERS:
     raise ValueError(f"features={kind!r}; allowed: {', '.join(FEATURE_KINDS)}")
-  if path and not Path(path).expanduser().is_file():
-    raise FileNotFoundError(f"no {kind} weight file at {Path(path).expanduser()}")
+  if path and not (weights := files.as_path(path)).is_file():
+    raise FileNotFoundError(f"no {kind} weight file at {weights}")
   if kind == "inception" and not path:
     raise ValueError(
       "features='inception' needs --features_path: the FID InceptionV3 weights cannot be"
       " downloaded by jaxdiff; see jaxdiff/evaluation/inception.py for the file format and"
-      " `python -m jaxdiff.cli.convert_inception` for the converter"
+      " `jaxdiff convert-inception` for the converter"
     )
 
 
@@ -85,7 +86,7 @@ def load(kind: str, path: str | os.PathLike) -> FeatureNet:
     FileNotFoundError: no file at ``path``.
   """
   check_kind(kind, path)
-  return LOADERS[kind](Path(path).expanduser())
+  return LOADERS[kind](files.as_path(path))
 
 
 def feature_net(
@@ -115,8 +116,8 @@ def feature_net(
   if not default.is_file():
     raise FileNotFoundError(
       f"no classifier for dataset {data_config.name!r} at {default}; train one with"
-      f" `{TRAIN_CLASSIFIER_COMMAND} --config YOUR_CONFIG.py --out {default}` (a few minutes"
-      " on a CPU), or pass --train_classifier to `python -m jaxdiff.cli.evaluate`, or give"
+      f" `{TRAIN_CLASSIFIER_COMMAND} --config YOUR_CONFIG.py --out {default.parent}` (a few"
+      " minutes on a CPU), or pass --train_classifier to `jaxdiff evaluate`, or give"
       " --features_path"
     )
   return load("classifier", default)

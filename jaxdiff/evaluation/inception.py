@@ -28,7 +28,7 @@ file's PyTorch ``state_dict`` keys, in PyTorch layout:
 ``<block>`` is e.g. ``Conv2d_1a_3x3`` or ``Mixed_5b.branch1x1``; :func:`state_dict_shapes`
 lists every key with its shape. ``*.num_batches_tracked`` entries are ignored. Convert with::
 
-  python -m jaxdiff.cli.convert_inception pt_inception-2015-12-05-6726825d.pth inception.npz
+  jaxdiff convert-inception --weights pt_inception-2015-12-05-6726825d.pth --out weights/
 
 (needs ``torch``), or equivalently, anywhere torch is installed::
 
@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.evaluation.featurenet import FeatureNet, file_digest
+from jaxdiff.io import files
 
 BN_EPS = 1e-3
 FEATURE_DIM = 2048
@@ -388,16 +389,18 @@ def random_state_dict(seed: int) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_state_dict(path_or_dict: str | Path | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _read_state_dict(
+  path_or_dict: str | os.PathLike | Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
   if isinstance(path_or_dict, Mapping):
     return {k: np.asarray(v) for k, v in path_or_dict.items()}
-  path = Path(path_or_dict).expanduser()
+  path = files.as_path(path_or_dict)
   if path.suffix in (".pth", ".pt"):
     raise ValueError(
       f"{path} looks like a PyTorch checkpoint; convert it first with "
-      f"`python -m jaxdiff.cli.convert_inception {path} OUT.npz`"
+      f"`jaxdiff convert-inception --weights {path} --out DIR`"
     )
-  with np.load(path, allow_pickle=False) as data:
+  with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
 
 
@@ -421,7 +424,7 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray]) -> None:
       raise ValueError(f"Inception weights: {key!r} has shape {got}, expected {shape}")
 
 
-def load_model(path_or_dict: str | Path | Mapping[str, np.ndarray]) -> InceptionV3:
+def load_model(path_or_dict: str | os.PathLike | Mapping[str, np.ndarray]) -> InceptionV3:
   """An :class:`InceptionV3` holding the weights from an ``.npz`` file or a state dict.
 
   Args:
@@ -440,7 +443,7 @@ def load_model(path_or_dict: str | Path | Mapping[str, np.ndarray]) -> Inception
   return model
 
 
-def load_params(path_or_dict: str | Path | Mapping[str, np.ndarray]) -> nnx.State:
+def load_params(path_or_dict: str | os.PathLike | Mapping[str, np.ndarray]) -> nnx.State:
   """The parameters of :func:`load_model` as a pytree (an ``nnx.State``).
 
   ``nnx.merge(graph_def(), params)`` rebuilds the :class:`InceptionV3`; raises like
@@ -487,7 +490,7 @@ class _Apply:
     return _network(params, prepare_images(images, self.resize_to))
 
 
-def feature_net(path: str | Path, *, resize_to: int = INPUT_SIZE) -> FeatureNet:
+def feature_net(path: str | os.PathLike, *, resize_to: int = INPUT_SIZE) -> FeatureNet:
   """The FID Inception as a :class:`jaxdiff.evaluation.FeatureNet`.
 
   Args:
@@ -511,7 +514,7 @@ def feature_net(path: str | Path, *, resize_to: int = INPUT_SIZE) -> FeatureNet:
   return FeatureNet(name=name, apply=apply, feature_dim=FEATURE_DIM, num_classes=NUM_CLASSES)
 
 
-def convert(torch_path: str | Path, npz_path: str | Path) -> None:
+def convert(torch_path: str | os.PathLike, npz_path: str | os.PathLike) -> None:
   """Converts pytorch-fid's ``.pth`` state dict to the ``.npz`` format (needs ``torch``).
 
   Raises:
@@ -531,4 +534,5 @@ def convert(torch_path: str | Path, npz_path: str | Path) -> None:
     k: v.detach().cpu().numpy() for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)
   }
   check_state_dict(arrays)
-  np.savez(npz_path, **arrays)
+  with files.atomic_path(npz_path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **arrays)

@@ -14,13 +14,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from jaxdiff.evaluation import stats
 from jaxdiff.evaluation.extract import compute_features
@@ -30,6 +32,30 @@ from jaxdiff.io.images import to_uint8
 PREVIEW = 64  # samples kept in the record for a grid
 
 SampleFn = Callable[[jax.Array, int], np.ndarray]
+PHASES = ("sampling", "sample features", "frechet distance")
+
+
+@contextlib.contextmanager
+def _phases(progress: bool) -> Iterator[Callable[[str], None]]:
+  """A bar over :data:`PHASES` (process 0): ``enter(name)`` marks the previous phase done and
+  names the current one; the phases' own bars (sampling steps, feature batches) nest below."""
+  quiet = not progress or jax.process_index() != 0
+  # No rate or ETA: the phases take very different times.
+  form = "{desc} ({n_fmt}/{total_fmt} phases done) [{elapsed}]"
+  bar = tqdm(total=len(PHASES), desc="sample quality", bar_format=form, disable=quiet)
+  started = []
+
+  def enter(name: str) -> None:
+    if started:
+      bar.update(1)
+    started.append(name)
+    bar.set_description_str(f"sample quality: {name}")
+
+  try:
+    yield enter
+    bar.update(len(PHASES) - bar.n)
+  finally:
+    bar.close()
 
 
 def sample_quality(
@@ -54,11 +80,14 @@ def sample_quality(
     seed: ``sample_fn`` gets ``jax.random.key(seed)``.
     batch_size: global batch size of the feature extraction.
     mesh: defaults to ``parallel.make_mesh()``.
-    progress: show a progress bar for the feature extraction.
+    progress: show the phases (:data:`PHASES`) on a bar, and the sample features' bar
+      (process 0). ``sample_fn`` draws its own bar, if any (``sample_from_config(...,
+      progress=True)`` shows one over all its sampler steps).
 
   Returns:
-    The record ``{"metric": "fid", "num_samples", "seed", "features" (the network's name),
-    "fd", "is_mean", "is_std", "sample_seconds", "seconds"}`` plus ``preview``: the first 64
+    The record ``{"metric", "num_samples", "seed", "features" (the network's name),
+    "fd", "is_mean", "is_std", "sample_seconds", "seconds"}`` (``metric``: "fid" with Inception
+    features, the published metric; "fd" with any other network) plus ``preview``: the first 64
     samples as uint8 ``[n, H, W, C]`` (for a grid).
 
   Raises:
@@ -67,18 +96,24 @@ def sample_quality(
   if num_samples < 2:
     raise ValueError(f"num_samples={num_samples}: a covariance needs at least 2")
   start_time = time.perf_counter()
-  samples = np.asarray(sample_fn(jax.random.key(seed), num_samples))
-  if samples.ndim != 4 or len(samples) != num_samples:
-    raise ValueError(f"sample_fn returned shape {samples.shape}; expected [{num_samples}, H, W, C]")
-  sample_seconds = time.perf_counter() - start_time
-  pixels = to_uint8(samples)  # what a saved sample would hold
-  feats, logits = compute_features(
-    feature_net, pixels, mesh, batch_size=batch_size, progress=progress
-  )
-  fd = stats.frechet_distance(stats.feature_stats(feats), reference_stats)
-  is_mean, is_std = stats.inception_score(logits, num_splits=min(10, num_samples))
+  with _phases(progress) as enter:
+    enter("sampling")
+    samples = np.asarray(sample_fn(jax.random.key(seed), num_samples))
+    if samples.ndim != 4 or len(samples) != num_samples:
+      raise ValueError(
+        f"sample_fn returned shape {samples.shape}; expected [{num_samples}, H, W, C]"
+      )
+    sample_seconds = time.perf_counter() - start_time
+    pixels = to_uint8(samples)  # what a saved sample would hold
+    enter("sample features")
+    feats, logits = compute_features(
+      feature_net, pixels, mesh, batch_size=batch_size, progress=progress, desc="sample features"
+    )
+    enter("frechet distance")
+    fd = stats.frechet_distance(stats.feature_stats(feats), reference_stats)
+    is_mean, is_std = stats.inception_score(logits, num_splits=min(10, num_samples))
   record = {
-    "metric": "fid",
+    "metric": "fid" if feature_net.name.startswith("inception") else "fd",
     "num_samples": num_samples,
     "seed": seed,
     "features": feature_net.name,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from jaxdiff import data, parallel
@@ -27,20 +27,21 @@ def reference_cache_path(
   *,
   split: str,
   cache_dir: str | os.PathLike,
-) -> Path:
+) -> epath.Path:
   """``cache_dir/{dataset}-{split}-{image_size}-{feature_net.name}.npz`` for ``reference_stats``.
 
   The split is made file-name safe with ``io.files.slug`` (``"test[:1000]"`` ->
   ``"test_1000"``). An image folder has no name of its own, so ``dataset`` is ``image_folder_``
-  plus a digest of the folder's absolute path; change the folder's contents and the cached file
-  must be deleted by hand.
+  plus a digest of the folder's absolute path (or URI); change the folder's contents and the
+  cached file must be deleted by hand. ``cache_dir`` may be local or ``gs://``.
   """
   d = data_config
   name = d.name
   if name == "image_folder":
-    folder = os.path.abspath(os.path.expanduser(d.image_folder))
+    folder = os.fspath(files.as_path(d.image_folder))
     name = f"image_folder_{hashlib.sha256(folder.encode()).hexdigest()[:8]}"
-  return Path(cache_dir) / f"{name}-{files.slug(split)}-{d.image_size}-{feature_net.name}.npz"
+  file_name = f"{name}-{files.slug(split)}-{d.image_size}-{feature_net.name}.npz"
+  return files.as_path(cache_dir) / file_name
 
 
 def reference_stats(
@@ -66,7 +67,8 @@ def reference_stats(
     cache_dir: folder of cached statistics (created if needed).
     batch_size: global batch size for feature extraction.
     mesh: defaults to ``parallel.make_mesh()``.
-    progress: show a progress bar while computing.
+    progress: while computing, a bar labelled ``reference features {dataset}:{split}``
+      (process 0; nothing when the statistics come from the cache).
 
   Returns:
     ``(stats, logits)``: logits ``[N, K]`` when the statistics were just computed; None when
@@ -83,7 +85,8 @@ def reference_stats(
     return stats, None
   mesh = parallel.make_mesh() if mesh is None else mesh
   reader = data.split_reader(data_config, split, batch_size=batch_size, multiple=mesh.size)
-  features, logits = compute_features(feature_net, reader, mesh, progress=progress)
+  desc = f"reference features {data_config.name}:{split}"
+  features, logits = compute_features(feature_net, reader, mesh, progress=progress, desc=desc)
   stats = stats_lib.feature_stats(features)
   if jax.process_index() == 0:
     stats_lib.save_stats(path, stats)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
 
 from jaxdiff.io import files, images
@@ -31,12 +31,12 @@ def json_record(record: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in record.items() if k not in ARRAY_ENTRIES}
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
+def _write_json(path: epath.Path, record: dict[str, Any]) -> None:
   with files.atomic_path(path) as tmp:
     tmp.write_text(json.dumps(json_record(record)) + "\n")
 
 
-def _write_terms_csv(path: Path, terms: dict[str, np.ndarray]) -> None:
+def _write_terms_csv(path: epath.Path, terms: dict[str, np.ndarray]) -> None:
   names = list(terms)
   rows = ["t," + ",".join(names)]
   for t in range(len(terms["vb"])):
@@ -68,7 +68,7 @@ def plot_terms(terms: dict[str, np.ndarray], record: dict[str, Any]) -> Figure:
   return fig
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
+def _save_figure(fig: Figure, path: epath.Path) -> None:
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png")
 
@@ -79,10 +79,10 @@ def write_bpd(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
   ``files``).
 
   Args:
-    out_dir: the folder (created if needed).
+    out_dir: the folder (created if needed), or a ``gs://`` URI.
     record: a ``bits_per_dim`` record with ``split``, ``step`` and ``params`` added.
   """
-  out_dir = Path(out_dir)
+  out_dir = files.as_path(out_dir)
   stem = f"bpd_{files.slug(record['split'])}_n{record['num_examples']}"
   stem += f"_step{record['step']}_{record['params']}"
   paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "png")]
@@ -94,23 +94,22 @@ def write_bpd(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
 
 
 def write_fid(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
-  """Writes ``fid_{sampler}{steps}_n{N}_step{S}_{params}_{features}.json`` and ``.png`` (a
+  """Writes ``{metric}_{sampler}{steps}_n{N}_step{S}_{params}_{features}.json`` and ``.png`` (a
   grid of the record's ``preview`` samples) into ``out_dir``; returns the two paths (also in
   the JSON's ``files``).
 
   Args:
-    out_dir: the folder (created if needed).
+    out_dir: the folder (created if needed), or a ``gs://`` URI.
     record: a ``sample_quality`` record with ``sampler``, ``steps``, ``step`` and ``params``
-      added.
+      added, and ``metric`` ("fid" for Inception features, "fd" for others; default "fid").
   """
-  out_dir = Path(out_dir)
+  out_dir = files.as_path(out_dir)
   stem = files.slug(
-    f"fid_{record['sampler']}{record['steps']}_n{record['num_samples']}"
+    f"{record.get('metric', 'fid')}_{record['sampler']}{record['steps']}_n{record['num_samples']}"
     f"_step{record['step']}_{record['params']}_{record['features']}"
   )
   paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "png")]
   written = [str(p) for p in paths]
   _write_json(paths[0], {**record, "files": written})
-  with files.atomic_path(paths[1]) as tmp:
-    images.save_png(images.make_grid(record["preview"]), tmp)
+  images.save_png(images.make_grid(record["preview"]), paths[1])
   return written

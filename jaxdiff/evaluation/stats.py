@@ -133,7 +133,8 @@ def feature_stats(features: Any) -> FeatureStats:
 
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats) -> None:
-  """Writes ``stats`` to ``path`` (``.npz``) atomically: readers see the old file or the new one.
+  """Writes ``stats`` to ``path`` (``.npz``, local or ``gs://``) atomically: readers see the old
+  file or the new one.
 
   Raises:
     OSError: the directory cannot be written.
@@ -143,13 +144,13 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats) -> None:
 
 
 def load_stats(path: str | os.PathLike) -> FeatureStats:
-  """Reads statistics written by ``save_stats``.
+  """Reads statistics written by ``save_stats`` (``path`` local or ``gs://``).
 
   Raises:
     FileNotFoundError: no file at ``path``.
     ValueError: the file lacks ``mean``, ``cov`` or ``num``, or their shapes disagree.
   """
-  with np.load(path, allow_pickle=False) as f:
+  with files.as_path(path).open("rb") as fh, np.load(fh, allow_pickle=False) as f:
     missing = {"mean", "cov", "num"} - set(f.files)
     if missing:
       raise ValueError(f"{path} is not a statistics file: it lacks {', '.join(sorted(missing))}")

@@ -14,32 +14,58 @@ model" survives however long training goes on after it.
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from jaxdiff.io import files
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+  """absl logging (which orbax uses) at ERROR inside the block, when ``enabled``."""
+  if not enabled:
+    yield
+    return
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 class Checkpointer:
-  """Saves and restores ``(state, data_state)`` pairs under ``directory``."""
+  """Saves and restores ``(state, data_state)`` pairs under ``directory``.
+
+  ``directory`` goes through ``files.as_path``: a local one is made absolute, a ``gs://`` one is
+  handed to orbax as it is. With ``read_only`` nothing is created, saved or deleted (what
+  ``load_run`` uses: reading a run must not change it).
+  """
 
   def __init__(
     self,
-    directory: str | Path,
+    directory: str | os.PathLike,
     *,
     max_to_keep: int = 3,
     async_save: bool = True,
     best_metric: str | None = None,
     best_mode: str = "min",
+    read_only: bool = False,
   ):
-    self.directory = Path(directory).absolute()
+    self.directory = files.as_path(directory)
     self.best_metric = best_metric
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=_options(max_to_keep, async_save, best_metric, best_mode),
-      item_names=("state", "data"),
-    )
+    with _quiet(read_only):  # orbax warns that a read-only directory is read-only
+      self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=_options(max_to_keep, async_save, best_metric, best_mode, read_only),
+        item_names=("state", "data"),
+      )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -113,19 +139,22 @@ class Checkpointer:
 
 
 def _options(
-  max_to_keep: int, async_save: bool, best_metric: str | None, best_mode: str
+  max_to_keep: int, async_save: bool, best_metric: str | None, best_mode: str, read_only: bool
 ) -> ocp.CheckpointManagerOptions:
+  # read_only: orbax would switch max_to_keep and create off itself, with a warning for each.
+  common = {
+    "create": not read_only,
+    "read_only": read_only,
+    "enable_async_checkpointing": async_save,
+  }
   if best_metric is None:
-    return ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
-    )
+    return ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, **common)
   if best_mode not in ("min", "max"):
     raise ValueError(f"best_mode={best_mode!r}; allowed: min, max")
   policies = ocp.checkpoint_managers
   rank = lambda metrics: metrics[best_metric]  # noqa: E731
   return ocp.CheckpointManagerOptions(
-    create=True,
-    enable_async_checkpointing=async_save,
+    **common,
     best_fn=rank,
     best_mode=best_mode,
     preservation_policy=policies.AnyPreservationPolicy(

@@ -14,10 +14,13 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from jaxdiff.io import files
 
 
 def to_uint8(x) -> np.ndarray:
@@ -93,16 +96,17 @@ def _pil(image: np.ndarray):
   return Image.fromarray(image)
 
 
-def save_png(image: np.ndarray, path: str | Path) -> None:
-  """Writes one uint8 ``[H, W, C]`` image (C = 1, 3 or 4) to ``path``, creating its folder."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  _pil(image).save(path, format="PNG")
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
+  """Writes one uint8 ``[H, W, C]`` image (C = 1, 3 or 4) to ``path`` (local, creating its
+  folder, or ``gs://``), atomically (``files.atomic_path``)."""
+  pil = _pil(image)
+  with files.atomic_path(path) as tmp:
+    pil.save(tmp, format="PNG")
 
 
 def save_gif(
   frames: Sequence[np.ndarray] | np.ndarray,
-  path: str | Path,
+  path: str | os.PathLike,
   *,
   duration_ms: int = 80,
   hold_last_ms: int = 1000,
@@ -112,7 +116,7 @@ def save_gif(
 
   Args:
     frames: the frames, e.g. grids of a sampling trajectory (x_T first).
-    path: output file; its folder is created.
+    path: output file (local, its folder created, or ``gs://``), written atomically.
     duration_ms: display time of each frame.
     hold_last_ms: display time of the last frame (the final samples).
     loop: number of loops; 0 loops forever.
@@ -120,41 +124,40 @@ def save_gif(
   images = [_pil(f) for f in frames]
   if not images:
     raise ValueError("save_gif needs at least one frame")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   durations = [duration_ms] * (len(images) - 1) + [max(hold_last_ms, duration_ms)]
-  images[0].save(
-    path,
-    format="GIF",
-    save_all=True,
-    append_images=images[1:],
-    duration=durations,
-    loop=loop,
-    optimize=False,
-  )
+  with files.atomic_path(path) as tmp:
+    images[0].save(
+      tmp,
+      format="GIF",
+      save_all=True,
+      append_images=images[1:],
+      duration=durations,
+      loop=loop,
+      optimize=False,
+    )
 
 
 MAX_GIF_FRAMES = 100
 
 
 def save_samples(
-  out_dir: str | Path,
+  out_dir: str | os.PathLike,
   pixels: np.ndarray,
   labels: np.ndarray | None = None,
   trajectory: np.ndarray | None = None,
-) -> list[Path]:
-  """Writes a sampling result the way ``sample.py`` does; returns the files written.
+) -> list[epath.Path]:
+  """Writes a sampling result the way ``jaxdiff sample`` does; returns the files written.
 
   ``OUT/samples.png`` (a grid), ``OUT/samples.npz`` (``images``: uint8 ``[N, H, W, C]``, and
   ``labels`` if given) and, with a ``trajectory`` (uint8 ``[S + 1, N, H, W, C]``, x_T first),
   ``OUT/trajectory.gif``: at most ``MAX_GIF_FRAMES`` evenly spaced grids, x_T first and the
-  samples last.
+  samples last. ``out_dir`` may be local (created) or ``gs://``; each file is written atomically.
   """
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = files.make_dirs(out_dir)
   save_png(make_grid(pixels), out / "samples.png")
   arrays = {"images": pixels} if labels is None else {"images": pixels, "labels": labels}
-  np.savez(out / "samples.npz", **arrays)
+  with files.atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
+    np.savez(f, **arrays)
   written = [out / "samples.png", out / "samples.npz"]
   if trajectory is not None:
     idx = np.unique(np.linspace(0, len(trajectory) - 1, MAX_GIF_FRAMES).round().astype(int))

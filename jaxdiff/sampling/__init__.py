@@ -41,10 +41,13 @@ the parameters are jit arguments, and take the options from the run's config
 with ``sampling.sample(d, model_fn, key, shape, **sampling.sampler_kwargs(config))``.
 For a loop you jit yourself, :func:`make_sampler` returns the pure function
 ``fn(d, model_fn, key, x_T, labels=None)``; :func:`sample_in_chunks` draws many
-samples in fixed-size chunks with one compiled function.
+samples in fixed-size chunks with one compiled function. ``progress=True`` (on any of
+them) compiles a host callback into the scan that reports every step, for a bar
+with an ETA even when one chunk is one call; :mod:`.progress` says how, and what it costs.
 """
 
 from jaxdiff.sampling.base import Chain, Sampler, State
+from jaxdiff.sampling.config import check as check_sampling
 from jaxdiff.sampling.config import class_labels, sample_from_config, sampler_kwargs
 from jaxdiff.sampling.ddim import ddim_sampler, ddim_step
 from jaxdiff.sampling.ddpm import ddpm_sampler, ddpm_step
@@ -96,6 +99,7 @@ __all__ = [
   "register_sampler",
   "sample",
   "sample_in_chunks",
+  "check_sampling",
   "sample_from_config",
   "sampler_kwargs",
   "sampler_timesteps",

@@ -1,6 +1,6 @@
 """A run config as :func:`~jaxdiff.sampling.sample` arguments: the one place that reads it.
 
-The training loop's sample grids, the ``sample.py`` CLI and the sample-quality
+The training loop's sample grids, ``jaxdiff sample`` and the sample-quality
 evaluation all call :func:`sampler_kwargs` (and :func:`class_labels` for a
 class-conditional model), so they sample the same way from the same config.
 """
@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from jaxdiff import parallel
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.sampling.driver import sample_in_chunks
-from jaxdiff.sampling.registry import get_sampler
+from jaxdiff.sampling.registry import SAMPLERS, get_sampler
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -75,6 +75,37 @@ def sampler_kwargs(
       " use guidance_scale=1.0"
     )
   return kwargs
+
+
+def check(config: Any, class_label: int | None = None) -> list[str]:
+  """Every problem with ``config.sampling`` (and ``class_label``) for this run, one line each,
+  naming the field, its value and what is allowed; empty when all is well. Cheap: callers check
+  before loading a checkpoint or compiling anything.
+  """
+  scfg, problems = config.sampling, []
+
+  def need(ok: bool, key: str, allowed: str) -> None:
+    if not ok:
+      problems.append(f"sampling.{key}={scfg[key]!r}: {allowed}")
+
+  need(scfg.sampler in SAMPLERS, "sampler", f"allowed: {', '.join(SAMPLERS)}")
+  num_timesteps = config.diffusion.num_timesteps
+  steps_ok = isinstance(scfg.num_steps, int) and 1 <= scfg.num_steps <= num_timesteps
+  need(steps_ok, "num_steps", f"an integer in 1..{num_timesteps} (diffusion.num_timesteps)")
+  for key in ("num_samples", "batch_size"):
+    need(isinstance(scfg[key], int) and scfg[key] >= 1, key, "an integer >= 1")
+  for key in ("eta", "temperature", "guidance_scale"):
+    need(scfg[key] >= 0, key, "a number >= 0")
+  conditional = bool(config.model.class_conditional)
+  need(
+    conditional or scfg.guidance_scale == 1.0, "guidance_scale",
+    "1.0 for this unconditional model (classifier-free guidance needs model.class_conditional)",
+  )  # fmt: skip
+  if class_label is not None and not conditional:
+    problems.append(f"class_label={class_label}: this run's model is not class-conditional")
+  elif class_label is not None and not 0 <= class_label < config.data.num_classes:
+    problems.append(f"class_label={class_label}: allowed 0..{config.data.num_classes - 1}")
+  return problems
 
 
 def class_labels(config: Any, n: int, class_label: int | None = None) -> np.ndarray | None:

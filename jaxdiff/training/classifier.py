@@ -4,7 +4,7 @@ AdamW with a linear warm-up (5% of the steps) and cosine decay; the global batch
 the mesh and the parameters replicated. The result is measured on a held-out split and written
 with ``jaxdiff.evaluation.classifier.save``. From the command line::
 
-  python -m jaxdiff.cli.train_classifier --config configs/fashion_mnist.py --out fmnist.npz
+  jaxdiff train-classifier --config configs/fashion_mnist.py --out weights/
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
 from jaxdiff import data, parallel
 from jaxdiff.evaluation import classifier as clf
+from jaxdiff.io import files
 
 # Defaults sized for a 2-core CPU: about 3/4 of an epoch of Fashion-MNIST in under two minutes,
 # which reaches ~89% test accuracy; a short run favours small batches and a high learning rate.
@@ -97,23 +99,25 @@ def _optimizer(
 
 
 def _fit(train_step, params, opt_state, batches, mesh, steps: int, progress: bool):
-  """Runs ``steps`` train steps: (params, final loss, seconds)."""
+  """Runs ``steps`` train steps under a bar (process 0) with the last finished step's loss:
+  (params, final loss, seconds)."""
   start = time.perf_counter()
   pending = None  # the previous step's loss
-  bar = tqdm(
-    range(1, steps + 1), desc="classifier", disable=not progress or jax.process_index() != 0
-  )
-  for step in bar:
+  quiet = not progress or jax.process_index() != 0
+  bar = tqdm(total=steps, desc="classifier training", unit="step", disable=quiet)
+  for step in range(1, steps + 1):
     batch = parallel.global_batch(mesh, next(batches))
     params, opt_state, value = train_step(params, opt_state, batch)
     # Waiting for the previous step keeps at most two in flight: with many queued steps, XLA's
     # CPU devices can deadlock in their all-reduce rendezvous (seen with 8 simulated devices).
     if pending is not None:
       loss = _check_finite(step - 1, float(pending))
-      if step % 100 == 0:
-        bar.set_postfix(loss=f"{loss:.4f}")
+      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # shown at tqdm's next redraw
+    bar.update(1)
     pending = value
   final_loss = _check_finite(steps, float(pending))
+  bar.set_postfix(loss=f"{final_loss:.4f}")
+  bar.close()
   return params, final_loss, time.perf_counter() - start
 
 
@@ -126,9 +130,10 @@ def _init(
   return graphdef, jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(seed))
 
 
-def _save(out_path: str | Path, params: nnx.State, meta: dict[str, Any]) -> Path:
-  """Writes the file on process 0 once every process has its copy of the parameters."""
-  path = Path(out_path).expanduser()
+def _save(out_path: str | Path, params: nnx.State, meta: dict[str, Any]) -> epath.Path:
+  """Writes the file (local or ``gs://``) on process 0 once every process has its copy of the
+  parameters."""
+  path = files.as_path(out_path)
   host_params = parallel.to_host(params)  # collective with several processes: all must call it
   if jax.process_index() == 0:
     clf.save(path, host_params, meta)

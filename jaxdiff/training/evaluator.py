@@ -9,7 +9,7 @@ Every ``eval.every`` steps, with the EMA parameters:
   ``eval.fd_samples`` samples drawn as ``config.sampling`` says, against the reference
   statistics of ``eval.split`` (computed once, cached).
 
-The same evaluator functions serve ``jaxdiff.cli.evaluate``; here they return records that
+The same evaluator functions serve ``jaxdiff evaluate``; here they return records that
 the loop logs with the step and stores with that step's checkpoint, which is how orbax keeps
 the best one (``eval.best_metric``).
 """

@@ -1,6 +1,6 @@
 """The training loop: data in, sharded steps, metrics, samples, evaluations and checkpoints out.
 
-``train(config, workdir)`` is what ``train.py`` calls. Re-running it on the same workdir
+``train(config, workdir)`` is what ``jaxdiff train`` calls. Re-running it on the same workdir
 resumes from the newest checkpoint, including the data iterator's position, and because
 every step's randomness is ``fold_in(key, step)`` the resumed run logs the same losses as one
 that was never interrupted. Only process 0 writes files other than checkpoints (orbax
@@ -8,7 +8,8 @@ coordinates those across processes itself).
 
 Files in ``workdir``: ``config.json``, ``metrics.jsonl`` (one JSON object per logged step or
 evaluation), ``checkpoints/`` (the newest ``training.keep_checkpoints``, plus the best by
-``eval.best_metric``), ``samples/step_XXXXXXX.png``, ``loss.png``.
+``eval.best_metric``), ``samples/step_XXXXXXX.png``, ``loss.png`` and ``eval.png`` (redrawn at
+every log), ``tensorboard/`` and ``wandb_id`` when those are on (see ``writers``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from typing import Any
 import jax
 import ml_collections
 import tqdm
+from etils import epath
 from flax import nnx
 
 from jaxdiff import data, models, parallel
 from jaxdiff.core.diffusion import Diffusion
-from jaxdiff.io import checkpoints, images
-from jaxdiff.sampling import sample_from_config
+from jaxdiff.io import checkpoints, files, images
+from jaxdiff.sampling import check_sampling, sample_from_config
 from jaxdiff.training import evaluator as evaluator_lib
 from jaxdiff.training import writers
 from jaxdiff.training.state import TrainState, abstract_state, build, create_state
@@ -75,14 +77,14 @@ class _Loop:
   """What the loop holds between steps."""
 
   config: ml_collections.ConfigDict
-  workdir: Path
+  workdir: epath.Path
   mesh: Any
   graphdef: nnx.GraphDef
   diffusion: Diffusion
   step_fn: StepFn
   iterator: Any
   ckpt: checkpoints.Checkpointer
-  log: writers.MetricsLog
+  log: writers.Writer
   evaluator: evaluator_lib.LoopEvaluator | None
   last_saved: int | None = None
   pending: tuple[int, Any] | None = None  # (step, metrics) not yet checked on the host
@@ -106,10 +108,13 @@ class _Loop:
     return None if pending is None else self.check(*pending)
 
 
-def _setup(config: ml_collections.ConfigDict, workdir: Path) -> tuple[_Loop, TrainState]:
+def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> tuple[_Loop, TrainState]:
   """Everything before the first step: mesh, model, data, checkpoints, the state to start from."""
   tcfg, is_main = config.training, jax.process_index() == 0
   evaluator_lib.check(config)  # before anything is written
+  if problems := check_sampling(config):  # the loop's sample grids and FD draw with it
+    raise ValueError("; ".join(problems))
+  log = writers.make(config, workdir, enabled=is_main)  # a missing extra fails here, early
   if is_main:
     writers.write_config(config, workdir)
   mesh = parallel.make_mesh()
@@ -135,11 +140,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> tuple[_Loop, Tra
       max_to_keep=tcfg.keep_checkpoints,
       best_metric=evaluator_lib.best_metric_key(config),
     ),
-    log=writers.MetricsLog(
-      workdir / "metrics.jsonl",
-      enabled=is_main,
-      tensorboard_dir=workdir / "tensorboard" if tcfg.tensorboard else None,
-    ),
+    log=log,
     evaluator=(
       evaluator_lib.LoopEvaluator(config, graphdef, diffusion, mesh)
       if config.eval.every > 0
@@ -147,12 +148,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path) -> tuple[_Loop, Tra
     ),
   )
   loop.last_saved = loop.ckpt.latest_step()
+  loop.log.truncate_after(loop.last_saved or 0)  # from 0: what a run killed before saving logged
   if loop.last_saved is None:
     return loop, create_state(config, optimizer, stream(config.seed, INIT), shardings)
   state, data_state = loop.ckpt.restore(abstract, shardings, loop.last_saved)
   if data_state:
     loop.iterator.set_state(data_state)
-  loop.log.truncate_after(loop.last_saved)
   print(f"resumed from {loop.ckpt.directory} at step {loop.last_saved}", flush=True)
   return loop, state
 
@@ -164,8 +165,9 @@ def _sample_grid(loop: _Loop, state: TrainState, step: int) -> None:
   key = jax.random.fold_in(stream(loop.config.seed, SAMPLE), step)
   samples = sample_from_config(loop.config, loop.diffusion, model_fn, key, n, mesh=loop.mesh)
   if jax.process_index() == 0:
-    path = loop.workdir / "samples" / f"step_{step:07d}.png"
-    images.save_png(images.make_grid(images.to_uint8(samples)), path)
+    grid = images.make_grid(images.to_uint8(samples))
+    images.save_png(grid, loop.workdir / "samples" / f"step_{step:07d}.png")
+    loop.log.write_images(step, {"samples": grid})
 
 
 def _after_step(loop: _Loop, state: TrainState, step: int, throughput: _Throughput) -> dict | None:
@@ -175,7 +177,7 @@ def _after_step(loop: _Loop, state: TrainState, step: int, throughput: _Throughp
   if step % tcfg.log_every == 0 or step == tcfg.num_steps:
     host = loop.flush()
     record = {"step": step, **host, "img_per_sec": throughput.rate()}
-    loop.log.write(record)
+    loop.log.write_scalars(step, record)
   if tcfg.sample_every and step % tcfg.sample_every == 0:
     _sample_grid(loop, state, step)
   return record
@@ -186,7 +188,7 @@ def _evaluate(loop: _Loop, state: TrainState, step: int) -> dict[str, float] | N
     return None
   loop.flush()  # a poisoned state is not worth evaluating
   record = loop.evaluator(state.ema_params)
-  loop.log.write({"step": step, **record})
+  loop.log.write_scalars(step, record)
   return record
 
 
@@ -205,7 +207,7 @@ class _Throughput:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains (or resumes training) per ``config``; returns the last logged metrics."""
-  loop, state = _setup(config, Path(workdir))
+  loop, state = _setup(config, files.as_path(workdir))  # gs:// stays remote
   tcfg = config.training
   start = int(jax.device_get(state.step))
   train_key, throughput, last_record = stream(config.seed, TRAIN), _Throughput(tcfg.batch_size), {}
@@ -238,6 +240,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     bar.close()
     loop.ckpt.wait()
     loop.ckpt.close()
-  if is_main and (records := loop.log.read()):
-    writers.plot_losses(records, loop.workdir / "loss.png")
+    loop.log.close()  # after the checkpoint, which matters more
   return last_record

@@ -1,0 +1,165 @@
+"""The configuration schema: every key jaxdiff reads, with its default.
+
+A config file, in any folder, defines ``get_config()`` and starts from this one::
+
+  # my_config.py
+  from jaxdiff.config import get_config as defaults
+
+  def get_config():
+    config = defaults()
+    config.data.name = "mnist"
+    config.training.num_steps = 5000
+    return config
+
+``jaxdiff train --config my_config.py --config.training.batch_size=64`` then loads it, with
+overrides. The dict is locked: a misspelt key (``--config.training.batchsize=8``) is an error,
+not a silent new field. To build on another config file rather than on the defaults, load it by
+path with :func:`from_file` (a config folder is not a package that can be imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+
+# Long: the schema is one flat list of fields, one per line, read top to bottom.
+def get_config() -> ml_collections.ConfigDict:
+  """The defaults (locked): a 28x28 grey DDPM U-Net on Fashion-MNIST, T = 1000."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "fashion_mnist"  # any tfds image dataset, or "image_folder"
+  data.split = "train"
+  data.data_dir = ""  # tfds data_dir; "" = tfds' default (~/tensorflow_datasets)
+  data.manual_dir = ""  # folder with the dataset's official raw files (offline prepare)
+  data.image_folder = ""  # with name == "image_folder": a directory of PNG/JPEG files
+  data.image_size = 28
+  data.channels = 1
+  data.num_classes = 10  # used only when model.class_conditional
+  data.random_flip = False
+  data.num_workers = 0  # grain worker processes; 0 reads in the main process
+  data.prefetch = 2
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"  # "unet" | "dit"
+  # U-Net (Ho et al. 2020, App. B, and improved-diffusion variants).
+  model.ch = 64
+  model.ch_mult = (1, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (14,)
+  model.dropout = 0.1
+  model.resblock = "ddpm"  # "ddpm" | "biggan" | "convnext"
+  model.resample_with_conv = True
+  model.scale_shift_norm = False  # AdaGN time conditioning (improved-diffusion)
+  model.attention = "standard"  # "standard" | "linear"
+  model.num_heads = 1
+  model.num_head_channels = -1  # > 0 overrides num_heads
+  model.num_groups = 32  # GroupNorm groups (DDPM: 32)
+  model.class_conditional = False
+  model.class_dropout = 0.1  # label dropout for classifier-free guidance
+  model.compute_dtype = "float32"  # "float32" | "bfloat16" (params stay float32)
+  model.remat = False
+  # DiT (Peebles & Xie 2023).
+  model.patch_size = 2
+  model.hidden_size = 192
+  model.depth = 6
+  model.mlp_ratio = 4.0
+
+  # ---------------------------------------------------------------- diffusion
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "linear"  # see jaxdiff.core.schedules.SCHEDULES
+  diffusion.num_timesteps = 1000
+  # None: the schedule's default (linear: 1e-4..0.02 scaled by 1000 / T).
+  diffusion.beta_start = ml_collections.config_dict.placeholder(float)
+  diffusion.beta_end = ml_collections.config_dict.placeholder(float)
+  diffusion.beta = ml_collections.config_dict.placeholder(float)  # "constant" only
+  diffusion.mean_type = "eps"  # "eps" | "x0" | "v"
+  diffusion.var_type = "fixed_large"  # "fixed_small" | "fixed_large" | "learned" | "learned_range"
+  diffusion.loss_type = "mse"  # "mse" | "l1" | "huber" | "kl" | "hybrid"
+  diffusion.min_snr_gamma = 0.0  # > 0 enables min-SNR-gamma weighting
+  diffusion.t_sampler = "uniform"  # "uniform" | "importance"
+
+  # ---------------------------------------------------------------- training
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global, across all devices and hosts
+  training.num_steps = 20_000
+  training.optimizer = "adam"  # "adam" | "adamw"
+  training.learning_rate = 2e-4
+  training.weight_decay = 0.0
+  training.b1 = 0.9
+  training.b2 = 0.999
+  training.warmup_steps = 1000
+  training.lr_schedule = "constant"  # "constant" | "cosine" (after warmup)
+  training.grad_clip = 1.0  # global norm; <= 0 disables
+  training.grad_accum_steps = 1
+  training.ema_decay = 0.9999
+  training.ema_warmup = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+  training.fsdp = False  # shard params and optimizer state over the data axis
+  training.checkpoint_every = 1000
+  training.keep_checkpoints = 3
+  training.log_every = 50
+  training.sample_every = 5000
+  training.tensorboard = False  # also TensorBoard: scalars, sample grids (jaxdiff[tensorboard])
+  training.wandb_project = ""  # also log to this Weights & Biases project (jaxdiff[wandb]); "" = no
+
+  # ---------------------------------------------------------------- sampling
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ddim"  # "ddpm" | "ddim" | "dpm++2m" | "euler_maruyama" | "pc"
+  sampling.num_steps = 50
+  sampling.eta = 0.0
+  sampling.clip_denoised = True
+  sampling.guidance_scale = 1.0
+  sampling.temperature = 1.0
+  sampling.num_samples = 64
+  sampling.batch_size = 256  # per chunk, global
+
+  # ---------------------------------------------------------------- eval
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.split = "test"
+  ev.num_examples = 1000  # bits/dim examples of `jaxdiff evaluate` (0 = the whole split)
+  ev.num_samples = 10_000  # FD/IS samples of `jaxdiff evaluate`
+  ev.batch_size = 128
+  ev.clip_denoised = True
+  ev.features = "classifier"  # feature network for FD/IS: "classifier" | "inception"
+  ev.features_path = ""  # its weight file; "" = the cached classifier of the dataset
+  ev.cache_dir = ""  # reference statistics and classifiers; "" = $JAXDIFF_CACHE or ~/.cache/jaxdiff
+  # Evaluation inside training, of the EMA parameters the loop holds (no checkpoint read):
+  ev.every = 0  # steps between evaluations; 0 = none
+  ev.bpd_examples = 0  # bits/dim on this many fixed test images (0 = skip)
+  ev.fd_samples = 0  # FD/IS of this many samples drawn per config.sampling (0 = skip)
+  ev.best_metric = ""  # "bpd" | "fd": also keep the checkpoint that is best by it
+
+  config.lock()
+  return config
+
+
+def from_file(path: str | os.PathLike, *args: str) -> ml_collections.ConfigDict:
+  """``get_config(*args)`` of the config file at ``path`` (relative paths are taken from the
+  current directory; a config file can find its neighbours with
+  ``os.path.join(os.path.dirname(__file__), "base.py")``).
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: the file defines no ``get_config``.
+  """
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file at {path}")
+  name = f"_jaxdiff_config_{abs(hash(path))}"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses and pickling look modules up by name
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.modules.pop(name, None)
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"{path} defines no get_config()")
+  return module.get_config(*args)
