@@ -10,7 +10,7 @@ and logits. Inputs at 299x299 go straight in; other sizes are resized on each si
 
 Usage::
 
-  python benchmarks/check_inception.py [--torch_python /work/torchenv/bin/python]
+  python benchmarks/check_inception.py [--torch_python PY]
 
 The torch environment needs ``torch``, ``torchvision`` and ``pytorch-fid``; the torch side
 never imports JAX (it runs this same file with ``--torch_worker``, before any JAX import).
@@ -134,7 +134,7 @@ def _diff_line(label: str, ours: np.ndarray, ref: np.ndarray) -> str:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--torch_python", default="/work/torchenv/bin/python")
+  parser.add_argument("--torch_python", default=sys.executable, help="interpreter with torch")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
