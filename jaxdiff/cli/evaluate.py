@@ -123,8 +123,7 @@ def _config() -> Any:
   """The run's config with this command's overrides, checked."""
   from jaxdiff import run as run_lib
 
-  if FLAGS.checkpoint_step is not None and FLAGS.best:
-    raise app.UsageError("--checkpoint_step and --best both choose the checkpoint; give one")
+  overrides.check_checkpoint_choice()
   if FLAGS.out:
     overrides.check_out_dir(FLAGS.out)
   values = overrides.collect(["eval", "sampling"], SHORTHANDS)

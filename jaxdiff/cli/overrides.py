@@ -102,6 +102,12 @@ def apply(
   return config
 
 
+def check_checkpoint_choice() -> None:
+  """``--checkpoint_step`` and ``--best`` (of ``sample`` and ``evaluate``) are exclusive."""
+  if FLAGS.checkpoint_step is not None and FLAGS.best:
+    raise app.UsageError("--checkpoint_step and --best both choose the checkpoint; give one")
+
+
 def check_out_dir(path: str, flag: str = "out") -> None:
   """``--out`` names a directory (made if missing): an existing file there is an error now,
   not after the work is done."""

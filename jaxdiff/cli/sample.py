@@ -64,8 +64,7 @@ def _config():
   from jaxdiff import run as run_lib
   from jaxdiff.sampling import check_sampling
 
-  if FLAGS.checkpoint_step is not None and FLAGS.best:
-    raise app.UsageError("--checkpoint_step and --best both choose the checkpoint; give one")
+  overrides.check_checkpoint_choice()
   overrides.check_out_dir(FLAGS.out)
   values = overrides.collect(["sampling"], SHORTHANDS)
   config = overrides.apply(run_lib.read_config(FLAGS.workdir), values)
