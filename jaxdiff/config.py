@@ -19,9 +19,13 @@ path with :func:`from_file` (a config folder is not a package that can be import
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import numbers
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -39,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ""  # tfds data_dir; "" = tfds' default (~/tensorflow_datasets)
   data.manual_dir = ""  # folder with the dataset's official raw files (offline prepare)
   data.image_folder = ""  # with name == "image_folder": a directory of PNG/JPEG files
+  data.skip_bad_images = False  # image_folder: skip unreadable files with a warning (else: error)
   data.image_size = 28
   data.channels = 1
   data.num_classes = 10  # used only when model.class_conditional
@@ -163,3 +168,118 @@ def from_file(path: str | os.PathLike, *args: str) -> ml_collections.ConfigDict:
   if not callable(getattr(module, "get_config", None)):
     raise ValueError(f"{path} defines no get_config()")
   return module.get_config(*args)
+
+
+# ----------------------------------------------------------------------------- schema checks
+
+# What a config section may be: a ConfigDict is no Mapping to isinstance.
+_SECTION = (Mapping, ml_collections.ConfigDict)
+
+
+def check_schema(config: ml_collections.ConfigDict) -> list[str]:
+  """Where ``config`` departs from the schema, one line each; empty when it fits.
+
+  A config file may build its own dict rather than start from :func:`get_config`, and then
+  nothing stops a misspelt key or a string where a number belongs. Reports
+  :func:`unknown_keys` first, then :func:`type_problems`.
+  """
+  return unknown_keys(config) + type_problems(config)
+
+
+def unknown_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """Fields of ``config`` that the schema lacks, each with the nearest real key, e.g.
+  ``training.learning_rat=0.001: not a field of the schema; did you mean training.learning_rate?``
+  """
+  schema = get_config()
+  return _unknown(config, schema, schema, "")
+
+
+def type_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Schema fields ``config`` lacks, and values whose type is not the schema default's.
+
+  An int field takes an int (not a bool or a float), a float field an int or a float, a tuple
+  field a tuple or a list, a placeholder (``None`` by default) None or a number, a bool field
+  only a bool. Ranges are not checked here: see ``jaxdiff.training.validation``.
+  """
+  return _mistyped(config, get_config(), "")
+
+
+def _unknown(
+  config: ml_collections.ConfigDict,
+  schema: ml_collections.ConfigDict,
+  root: ml_collections.ConfigDict,
+  prefix: str,
+) -> list[str]:
+  problems = []
+  for name in config:
+    key = prefix + name
+    if name not in schema:
+      value = config[name]
+      shown = key if isinstance(value, _SECTION) else f"{key}={value!r}"
+      what = "a section" if isinstance(value, _SECTION) else "a field"
+      problems.append(f"{shown}: not {what} of the schema{_suggestion(name, schema, root, prefix)}")
+    elif isinstance(schema[name], ml_collections.ConfigDict) and isinstance(config[name], _SECTION):
+      problems.extend(_unknown(config[name], schema[name], root, key + "."))
+  return problems
+
+
+def _suggestion(
+  name: str, schema: ml_collections.ConfigDict, root: ml_collections.ConfigDict, prefix: str
+) -> str:
+  near = difflib.get_close_matches(name, list(schema.keys()), n=1)
+  if near:
+    return f"; did you mean {prefix}{near[0]}?"
+  # A field put in the wrong section (training.image_size) is found among all the others.
+  elsewhere = {
+    field: f"{section}.{field}"
+    for section, fields in root.items()
+    if isinstance(fields, ml_collections.ConfigDict)
+    for field in fields
+  }
+  near = difflib.get_close_matches(name, list(elsewhere), n=1)
+  return f"; did you mean {elsewhere[near[0]]}?" if near else ""
+
+
+def _mistyped(
+  config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str
+) -> list[str]:
+  problems = []
+  for name in schema:
+    key, default = prefix + name, schema[name]
+    if name not in config:
+      shown = (
+        "" if isinstance(default, ml_collections.ConfigDict) else f"; the default is {default!r}"
+      )
+      problems.append(f"{key}: missing{shown}")
+      continue
+    value = config[name]
+    if isinstance(default, ml_collections.ConfigDict):
+      if isinstance(value, _SECTION):
+        problems.extend(_mistyped(value, default, key + "."))
+      else:
+        problems.append(f"{key}={value!r}: must be a section (a dict of fields)")
+      continue
+    allowed = _allowed_type(value, schema.get_type(name), placeholder=default is None)
+    if allowed:
+      problems.append(f"{key}={value!r}: must be {allowed}")
+  return problems
+
+
+def _allowed_type(value: Any, expected: type, *, placeholder: bool) -> str | None:
+  """None if ``value`` may stand in a field of type ``expected``, else what it must be."""
+  # bool is an int to Python, but True as a batch size (or 1 as a flag) is a mistake.
+  is_bool = isinstance(value, bool)
+  if expected is bool:
+    return None if is_bool else "a bool (True or False)"
+  if placeholder and value is None:
+    return None
+  if expected is int:
+    return None if isinstance(value, numbers.Integral) and not is_bool else "an int"
+  if expected is float:
+    ok = isinstance(value, numbers.Real) and not is_bool
+    return None if ok else ("None or a number" if placeholder else "a number")
+  if expected is tuple:
+    return None if isinstance(value, tuple | list) else "a tuple or list"
+  if expected is str:
+    return None if isinstance(value, str) else "a str"
+  return None if isinstance(value, expected) else f"a {expected.__name__}"

@@ -167,6 +167,18 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def max_over_processes(value: int) -> int:
+  """The largest of every process's ``value``: how processes agree on a flag, e.g. that one of
+  them was asked to stop. One process: ``value`` itself, without touching a device. Several: a
+  small all-gather, which waits for the work already queued on the devices.
+  """
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int32))))
+
+
 def to_host(x: Any) -> Any:
   """Fetches (possibly multi-host sharded) arrays to NumPy on every process."""
   if jax.process_count() > 1:

@@ -137,7 +137,8 @@ def _with_defaults(
   return config
 
 
-def _pick_step(ckpt: checkpoints.Checkpointer, step: int | None, best: bool) -> int:
+def _pick_step(ckpt: checkpoints.Checkpointer, step: int | None, best: bool) -> int | None:
+  """The step asked for (checked to exist), the best one, or None for the newest good one."""
   available = ckpt.all_steps()
   if not available:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (jaxdiff train)")
@@ -150,7 +151,7 @@ def _pick_step(ckpt: checkpoints.Checkpointer, step: int | None, best: bool) -> 
       )
   if step is not None and step not in available:
     raise FileNotFoundError(f"no checkpoint {step} in {ckpt.directory}; available: {available}")
-  return available[-1] if step is None else step
+  return step
 
 
 def load_run(
@@ -164,12 +165,15 @@ def load_run(
 
   Args:
     workdir: the run's directory (``config.json``, ``checkpoints/``).
-    step: which checkpoint (default: the newest).
+    step: which checkpoint (default: the newest that restores; one that does not is skipped
+      with a ``CheckpointWarning`` naming it and the step used instead).
     best: the checkpoint kept as the best by ``eval.best_metric`` instead.
     mesh: replicate the parameters over this mesh (default: all devices).
 
   Raises:
     FileNotFoundError: not a run, no checkpoint, or no such step.
+    jaxdiff.io.checkpoints.CheckpointError: the checkpoint asked for (or every one) cannot be
+      restored.
   """
   workdir = files.as_path(workdir)
   config = read_config(workdir)
@@ -182,7 +186,8 @@ def load_run(
   ckpt = checkpoints.Checkpointer(directory, best_metric=best_metric_key(config), read_only=True)
   try:
     step = _pick_step(ckpt, step, best)
-    state, _ = ckpt.restore(abstract, parallel.state_sharding(mesh, abstract), step)
+    shardings = parallel.state_sharding(mesh, abstract)
+    _, state, _, _ = ckpt.restore_newest_good(abstract, shardings, step)
   finally:
     ckpt.close()
   return Run(workdir, config, int(state.step), graphdef, state.ema_params, state.params, mesh)

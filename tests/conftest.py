@@ -22,9 +22,30 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jaxdiff_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+  """``python -m jaxdiff ARGS`` on one CPU device, sharing the tests' compilation cache."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(
+    JAX_PLATFORMS="cpu", JAXDIFF_CPU_DEVICES="1", JAX_COMPILATION_CACHE_DIR=os.path.abspath(_CACHE)
+  )
+  cmd = [sys.executable, "-m", "jaxdiff", *args]
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+  """Every file under ``root`` and its bytes: to show that a command changed nothing."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ config files that load from any folder."""
 
 import concurrent.futures
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,10 @@ import jaxdiff
 from jaxdiff import cli
 from jaxdiff import config as config_lib
 from jaxdiff.run import read_config
+from tests.conftest import files_of as _files
+from tests.conftest import jaxdiff_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def jaxdiff_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-  """``python -m jaxdiff ARGS`` on one CPU device, sharing the tests' compilation cache."""
-  cache = os.environ.get("JAXDIFF_TEST_CACHE", str(ROOT / ".jax_cache"))
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env.update(
-    JAX_PLATFORMS="cpu", JAXDIFF_CPU_DEVICES="1", JAX_COMPILATION_CACHE_DIR=os.path.abspath(cache)
-  )
-  cmd = [sys.executable, "-m", "jaxdiff", *args]
-  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _files(root: Path) -> dict[str, bytes]:
-  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------ the command
@@ -120,8 +106,12 @@ def test_sample_refuses_an_out_that_is_a_file_before_sampling(tiny_run, tmp_path
   proc = jaxdiff_cli("sample", f"--workdir={tiny_run}", f"--out={existing}")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-    f"error: --out={existing} is a file; --out names a directory"
+    f"error: --out={existing} is a file; it must name a folder"
   )
+  inside = existing / "grid"
+  proc = jaxdiff_cli("sample", f"--workdir={tiny_run}", f"--out={inside}")
+  assert proc.returncode == 1
+  assert f"error: --out={inside} is inside {existing}, which is a file" in proc.stderr
   assert existing.read_bytes() == b"not mine to overwrite"
 
 
@@ -177,6 +167,6 @@ def test_train_refuses_a_bad_sampling_section_before_writing_anything(image_dir,
   from tests.conftest import tiny_config
 
   config = tiny_config(image_dir, sampling__sampler="foo", sampling__num_steps=0)
-  with pytest.raises(ValueError, match=r"sampling.sampler='foo'.*sampling.num_steps=0"):
+  with pytest.raises(ValueError, match=r"(?s)sampling.sampler='foo'.*sampling.num_steps=0"):
     training.train(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +92,49 @@ def test_two_processes_match_one(tmp_path):
   assert len(_losses(multi)) == 3
   # Both processes took part in the checkpoint; only one wrote the metrics.
   assert (multi / "checkpoints" / "3").is_dir()
+
+
+@pytest.mark.slow  # two JAX processes compiling the train step: about a minute on 2 cores
+def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  image_dir = tmp_path / "images"
+  image_dir.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(32):
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(
+      image_dir / f"{i:02d}.png"
+    )
+  workdir = tmp_path / "run"
+  address = f"127.0.0.1:{_free_port()}"
+  cmd = _train_cmd(workdir, image_dir) + [
+    "--config.training.num_steps=100000", "--config.training.checkpoint_every=100000",
+  ]  # fmt: skip
+  procs = [
+    subprocess.Popen(
+      cmd,
+      env=_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    deadline = time.time() + 600
+    metrics = workdir / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+      assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]
+      assert time.time() < deadline
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # not the coordinator, and not the one that writes
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outputs, strict=True):
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+  steps = [int(re.search(r"stopped by SIGTERM after step (\d+)", out).group(1)) for out in outputs]
+  assert steps[0] == steps[1]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(steps[0])]
+  history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
+  assert history[-1]["event"] == "stopped" and history[-1]["step"] == steps[0]

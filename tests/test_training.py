@@ -258,7 +258,15 @@ def test_sigterm_saves_a_checkpoint_and_stops(image_dir, tmp_path, monkeypatch):
 
   _inject(monkeypatch, 2, send_sigterm)
   config = _loop_config(image_dir, training__num_steps=50, training__checkpoint_every=100)
-  training.train(config, tmp_path)
+  with pytest.raises(training.TrainingStopped, match=r"stopped by SIGTERM after step 2") as e:
+    training.train(config, tmp_path)
+  assert e.value.signum == signal.SIGTERM and e.value.step == 2
+  assert training.read_history(tmp_path)[-1] == {
+    **training.read_history(tmp_path)[-1],
+    "event": "stopped",
+    "step": 2,
+    "signal": "SIGTERM",
+  }
   ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints")
   assert ckpt.latest_step() == 2
   ckpt.close()

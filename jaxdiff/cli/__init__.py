@@ -129,16 +129,20 @@ def fail(message: str) -> NoReturn:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-  """The exceptions a command reports as one line: bad values, missing or unprepared files,
-  a run that stopped on a non-finite loss, a missing optional package."""
+  """The exceptions a command reports as one message: bad values, missing or unprepared files,
+  paths that cannot be written, checkpoints that cannot be restored, a run that stopped on a
+  non-finite loss, a missing optional package."""
   from jaxdiff.data.preparation import DatasetNotPreparedError
+  from jaxdiff.io.checkpoints import CheckpointError
 
   return (
     ValueError,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
+    PermissionError,
     DatasetNotPreparedError,
+    CheckpointError,
     FloatingPointError,
     ImportError,
   )
@@ -152,6 +156,22 @@ def reporting_errors(fn: Callable[[], object]) -> object:
     if os.environ.get("JAXDIFF_TRACEBACK"):
       raise
     fail(str(e))
+
+
+def _show_own_warnings() -> None:
+  """jaxdiff's warnings (a checkpoint skipped, bad images skipped) as ``warning: ...`` lines,
+  like the errors; other libraries' warnings as Python shows them."""
+  import warnings
+
+  default = warnings.showwarning
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    if category.__module__.startswith("jaxdiff"):
+      print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+      default(message, category, filename, lineno, file, line)
+
+  warnings.showwarning = show
 
 
 def start_jax(argv: list[str]) -> None:
@@ -172,6 +192,7 @@ def start_jax(argv: list[str]) -> None:
   from jaxdiff import parallel
 
   logging.set_verbosity(logging.WARNING)
+  _show_own_warnings()
   if cache := flags.FLAGS.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache)
   parallel.use_all_cpu_cores()

@@ -11,7 +11,6 @@ different values is an error.
 from __future__ import annotations
 
 import difflib
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -109,9 +108,11 @@ def check_checkpoint_choice() -> None:
 
 
 def check_out_dir(path: str, flag: str = "out") -> None:
-  """``--out`` names a directory (made if missing): an existing file there is an error now,
-  not after the work is done."""
+  """``--out`` names a folder (made if missing) that can be written: checked now, not after the
+  work is done."""
   from jaxdiff.io import files
 
-  if not files.is_uri(path) and os.path.exists(path) and not os.path.isdir(path):
-    raise app.UsageError(f"--{flag}={path} is a file; --{flag} names a directory")
+  try:
+    files.check_writable(path, f"--{flag}")
+  except (NotADirectoryError, PermissionError) as e:
+    raise app.UsageError(str(e)) from None

@@ -145,13 +145,89 @@ def make_diffusion(
 
 def from_config(config: Any) -> Diffusion:
   """Builds a :class:`Diffusion` from a config's ``diffusion`` section."""
+  betas = _config_betas(config)
+  return make_diffusion(betas, mean_type=config.mean_type, var_type=config.var_type)
+
+
+def _config_betas(config: Any) -> np.ndarray:
+  """The float64 betas of a ``diffusion`` section (raises ValueError as ``get_betas`` does)."""
   kwargs = {}
   if config.schedule in ("linear", "quadratic", "sigmoid", "geometric"):
     kwargs = {"beta_start": config.beta_start, "beta_end": config.beta_end}
   elif config.schedule == "constant":
     kwargs = {"beta": config.beta}
-  betas = schedules.get_betas(config.schedule, config.num_timesteps, **kwargs)
-  return make_diffusion(betas, mean_type=config.mean_type, var_type=config.var_type)
+  return schedules.get_betas(config.schedule, config.num_timesteps, **kwargs)
+
+
+# How training draws t; read by jaxdiff.training.state.init_state.
+T_SAMPLERS = ("uniform", "importance")
+
+
+def check_config(dcfg: Any) -> list[str]:
+  """Every problem with a config's ``diffusion`` section, one line each naming the field, its
+  value and what is allowed; empty when :func:`from_config` will build it.
+
+  ``dcfg`` is read by attribute (a ConfigDict or any object with the fields). ``loss_type`` is
+  not checked here: :mod:`jaxdiff.core.losses` owns the losses and imports this module.
+  """
+  problems = []
+
+  def need(ok: bool, name: str, allowed: str) -> None:
+    if not ok:
+      problems.append(f"diffusion.{name}={getattr(dcfg, name)!r}: {allowed}")
+
+  need(dcfg.schedule in schedules.SCHEDULES, "schedule", _one_of(schedules.SCHEDULES))
+  T = dcfg.num_timesteps
+  need(_is_int(T) and T >= 1, "num_timesteps", "must be an int >= 1")
+  for name in ("beta_start", "beta_end", "beta"):
+    value = getattr(dcfg, name)
+    ok = value is None or (_is_number(value) and 0.0 < value < 1.0)
+    need(ok, name, "must be None (the schedule's default) or a number in (0, 1)")
+  need(dcfg.schedule != "constant" or dcfg.beta is not None, "beta",
+       "schedule 'constant' needs a beta in (0, 1), e.g. 0.02")  # fmt: skip
+  need(dcfg.mean_type in MEAN_TYPES, "mean_type", _one_of(MEAN_TYPES))
+  need(dcfg.var_type in VAR_TYPES, "var_type", _one_of(VAR_TYPES))
+  need(dcfg.t_sampler in T_SAMPLERS, "t_sampler", _one_of(T_SAMPLERS))
+  gamma = dcfg.min_snr_gamma
+  need(_is_number(gamma) and gamma >= 0, "min_snr_gamma", "must be a number >= 0 (0 disables)")
+  if not problems:  # the fields are sound one by one: now the schedule they make
+    problems.extend(_schedule_problems(dcfg))
+  return problems
+
+
+def _schedule_problems(dcfg: Any) -> list[str]:
+  try:
+    betas = _config_betas(dcfg)
+  except ValueError as e:
+    T = dcfg.num_timesteps
+    end = schedules.DEFAULT_BETA_END * 1000.0 / T
+    if dcfg.schedule == "linear" and dcfg.beta_end is None and end >= 1.0:
+      # DDPM's 0.02 at T = 1000, rescaled by 1000 / T, is 1 or more from T = 20 down.
+      return [
+        f"diffusion.num_timesteps={T}: the linear schedule's default beta_end 0.02 * 1000 / T"
+        f" = {end:g} makes a beta >= 1 at T <= 20; use schedule 'cosine', or set"
+        " diffusion.beta_end < 1"
+      ]
+    return [f"diffusion.schedule={dcfg.schedule!r}: {e}"]
+  if dcfg.schedule != "constant" and betas[0] > betas[-1]:
+    name = "beta_start" if dcfg.beta_start is not None else "beta_end"
+    return [
+      f"diffusion.{name}={getattr(dcfg, name)!r}: must give beta_start <= beta_end; the"
+      f" {dcfg.schedule} schedule would run from {betas[0]:g} down to {betas[-1]:g}"
+    ]
+  return []
+
+
+def _one_of(allowed: Any) -> str:
+  return "must be one of " + ", ".join(allowed)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
 
 
 # ----------------------------------------------------------------------------- respacing

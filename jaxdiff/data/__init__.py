@@ -11,6 +11,7 @@ from jaxdiff.data.preparation import DatasetNotPreparedError, prepare
 from jaxdiff.data.sources import (
   IMAGE_EXTENSIONS,
   ArraySource,
+  BadImageError,
   ImageFolderSource,
   TfdsSource,
   dataset_info,
@@ -22,6 +23,7 @@ from jaxdiff.data.split import SplitReader, read_examples, split_reader
 __all__ = [
   "IMAGE_EXTENSIONS",
   "ArraySource",
+  "BadImageError",
   "DatasetNotPreparedError",
   "ImageFolderSource",
   "SplitReader",

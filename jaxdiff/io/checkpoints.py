@@ -1,11 +1,17 @@
-"""Checkpoints with orbax: the train state plus the data iterator's position.
+"""Checkpoints with orbax: the train state, the data iterator's position and the config.
 
-A checkpoint is a step directory holding two items: ``state`` (the
+A checkpoint is a step directory holding three items: ``state`` (the
 :class:`~jaxdiff.training.TrainState`, saved from the sharded arrays, restored
-straight into the shardings asked for) and ``data`` (the input pipeline's
-JSON state), so that a resumed run sees the same batches. Saving is
+straight into the shardings asked for), ``data`` (the input pipeline's
+JSON state), so that a resumed run sees the same batches, and ``config`` (the run's config as
+JSON: what the checkpoint was trained with; checkpoints of jaxdiff before 0.3 lack it). Saving is
 asynchronous; orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save leaves no checkpoint that looks finished.
+
+A checkpoint that looks finished can still fail to restore (a disk that lost a file, a copy cut
+short): :meth:`Checkpointer.restore_newest_good` then falls back on the previous one, with a
+:class:`CheckpointWarning` naming both steps, and :func:`set_aside` moves the bad one out of the
+way (renamed, never deleted) before training writes that step again.
 
 Which checkpoints stay: the newest ``max_to_keep`` and, when a ``best_metric`` is named, also
 the one whose saved metrics are best by it (orbax's preservation policies), so "the best
@@ -16,14 +22,39 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from jaxdiff.io import files
+
+ITEMS = ("state", "data", "config")
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint asked for (or none at all) could be restored."""
+
+
+class CheckpointWarning(UserWarning):
+  """A checkpoint could not be restored and an older one is used instead."""
+
+
+def describe(error: BaseException) -> str:
+  """One line about why a restore failed: the innermost cause (tensorstore's own error, which
+  names the array and the file), not orbax's wrapper with its dozens of lines of spec."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).strip().split("\n")[0]
+  text = re.split(r"\s*See full TensorStore details", text)[0]
+  text = text if len(text) <= 300 else text[:297] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -38,6 +69,41 @@ def _quiet(enabled: bool) -> Iterator[None]:
     yield
   finally:
     logging.set_verbosity(verbosity)
+
+
+def _is_abandoned_read(exc: BaseException | None) -> bool:
+  text = str(exc)
+  return text.startswith("Encountered error while reading array index") or (
+    isinstance(exc, RuntimeError) and text == "Event loop is closed"
+  )
+
+
+@contextlib.contextmanager
+def _failed_reads_drained() -> Iterator[None]:
+  """When the block raises, silences what orbax's abandoned reads print afterwards.
+
+  A restore that fails on one array leaves orbax's other reads in flight: as they finish they
+  call back into an event loop orbax has already closed, and their coroutines are collected
+  unawaited, each printing a traceback of up to 80 lines (from tensorstore's threads, or at
+  exit) through ``sys.unraisablehook``, or a "never awaited" warning. Those, and only those, are
+  dropped, so that a failed restore is the one message about it.
+  """
+  try:
+    yield
+  except Exception:
+    previous = sys.unraisablehook
+    if not getattr(previous, "_jaxdiff", False):
+
+      def hook(unraisable):
+        if not _is_abandoned_read(unraisable.exc_value):
+          previous(unraisable)
+
+      hook._jaxdiff = True
+      sys.unraisablehook = hook
+      warnings.filterwarnings(
+        "ignore", r"coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
+      )
+    raise
 
 
 class Checkpointer:
@@ -64,7 +130,7 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(
         self.directory,
         options=_options(max_to_keep, async_save, best_metric, best_mode, read_only),
-        item_names=("state", "data"),
+        item_names=ITEMS,
       )
 
   def latest_step(self) -> int | None:
@@ -83,11 +149,12 @@ class Checkpointer:
     state: Any,
     data_state: dict | None = None,
     metrics: dict[str, float] | None = None,
+    config: dict | None = None,
   ) -> None:
     """Starts writing checkpoint ``step`` (returns before the write finishes).
 
     ``metrics`` (e.g. the evaluation at this step) are stored with it and rank it for
-    ``best_metric``.
+    ``best_metric``; ``config`` (JSON-able) is stored with it as what it was trained with.
     """
     if self.best_metric is not None and metrics is not None and self.best_metric not in metrics:
       metrics = None  # ranked only by what it was evaluated on
@@ -96,6 +163,7 @@ class Checkpointer:
       args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+        config=ocp.args.JsonSave(config if config is not None else {}),
       ),
       metrics=metrics if self.best_metric is not None else None,
       force=True,
@@ -130,12 +198,89 @@ class Checkpointer:
     )
     return restored["state"], dict(restored["data"] or {})
 
+  def read_config(self, step: int) -> dict | None:
+    """The config stored with checkpoint ``step``; None if it has none (older jaxdiff) or it
+    cannot be read."""
+    try:
+      with _quiet(True):
+        restored = self._manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+    except Exception:  # noqa: BLE001 - any failure means: no stored config to go by
+      return None
+    return dict(restored["config"]) if restored["config"] else None
+
+  def restore_newest_good(
+    self, abstract_state: Any, shardings: Any = None, step: int | None = None
+  ) -> tuple[int, Any, dict, list[tuple[int, str]]]:
+    """Restores checkpoint ``step``, or by default the newest one that restores.
+
+    A checkpoint that fails to restore is skipped with a :class:`CheckpointWarning` naming it,
+    why, and the step used instead. A ``step`` asked for by name is never replaced by another.
+
+    Returns:
+      ``(step, state, data_state, skipped)``; ``skipped`` lists ``(step, reason)`` of the newer
+      checkpoints that failed.
+
+    Raises:
+      CheckpointError: ``step`` (or, without ``step``, every checkpoint) fails to restore; or
+        there is no checkpoint ``step``.
+    """
+    available = self.all_steps()
+    if step is not None:
+      if step not in available:
+        raise CheckpointError(f"no checkpoint {step} in {self.directory}; available: {available}")
+      candidates = [step]
+    else:
+      candidates = sorted(available, reverse=True)
+    if not candidates:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    skipped: list[tuple[int, str]] = []
+    for candidate in candidates:
+      try:
+        with _failed_reads_drained():
+          state, data_state = self.restore(abstract_state, shardings, candidate)
+      except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise plain Exception
+        skipped.append((candidate, describe(e)))
+        continue
+      for bad, why in skipped:
+        warnings.warn(
+          f"checkpoint {bad} in {self.directory} cannot be restored ({why}); using checkpoint"
+          f" {candidate} instead",
+          CheckpointWarning,
+          stacklevel=2,
+        )
+      return candidate, state, data_state, skipped
+    if step is not None:
+      raise CheckpointError(
+        f"checkpoint {step} in {self.directory} cannot be restored: {skipped[0][1]}"
+      )
+    reasons = "; ".join(f"{s}: {why}" for s, why in skipped)
+    raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({reasons})")
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def set_aside(directory: str | os.PathLike, steps: Sequence[int], why: str) -> list[epath.Path]:
+  """Renames checkpoints ``steps`` in ``directory`` to ``STEP.WHY`` (``STEP.WHY-2``, ... if
+  taken): out of orbax's sight, so those steps can be written again, yet kept. Call it with no
+  :class:`Checkpointer` open on ``directory`` (orbax caches the steps it has seen), on one
+  process. Returns the new paths."""
+  directory = files.as_path(directory)
+  moved = []
+  for step in steps:
+    target, n = directory / f"{step}.{why}", 1
+    while target.exists():
+      n += 1
+      target = directory / f"{step}.{why}-{n}"
+    (directory / str(step)).rename(target)
+    moved.append(target)
+  return moved
 
 
 def _options(

@@ -90,6 +90,29 @@ def make_dirs(path: str | os.PathLike) -> epath.Path:
   return out
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+  """Raises unless a folder can be written at ``path`` (made later if missing): checked before
+  the expensive work, so that a bad output path costs nothing. ``what`` names the setting in
+  the message (``"--out"``). Remote paths are not checked: their permissions are the storage's
+  to enforce.
+
+  Raises:
+    NotADirectoryError: ``path``, or the nearest part of it that exists, is a file.
+    PermissionError: that folder cannot be written.
+  """
+  if is_uri(path):
+    return
+  target = as_path(path)
+  existing = target
+  while not existing.exists():  # the folder it will be made in
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "is a file" if existing == target else f"is inside {existing}, which is a file"
+    raise NotADirectoryError(f"{what}={os.fspath(path)} {where}; it must name a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f"{what}={os.fspath(path)}: cannot write in {existing}")
+
+
 def is_uri(path: str | os.PathLike) -> bool:
   """Whether ``path`` names remote storage (``scheme://...``) rather than a local file."""
   return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(path)) is not None

@@ -7,7 +7,8 @@ Example::
   print(training.dry_run(config))                   # sizes, shapes and memory; no data
 """
 
-from jaxdiff.training.loop import NonFiniteLossError, stream, train
+from jaxdiff.training.loop import NonFiniteLossError, TrainingStopped, stream, train
+from jaxdiff.training.resume import ResumeRefusedError, read_history
 from jaxdiff.training.state import (
   TrainState,
   abstract_state,
@@ -20,12 +21,16 @@ from jaxdiff.training.state import (
 )
 from jaxdiff.training.step import jit_train_step, make_loss_fn, make_train_step
 from jaxdiff.training.summary import dry_run
+from jaxdiff.training.validation import ConfigError, validate
 from jaxdiff.training.writers import MetricsLog, plot_losses
 
 __all__ = [
+  "ConfigError",
   "MetricsLog",
   "NonFiniteLossError",
+  "ResumeRefusedError",
   "TrainState",
+  "TrainingStopped",
   "abstract_state",
   "build",
   "create_state",
@@ -38,6 +43,8 @@ __all__ = [
   "make_optimizer",
   "make_train_step",
   "plot_losses",
+  "read_history",
   "stream",
   "train",
+  "validate",
 ]

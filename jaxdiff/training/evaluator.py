@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from jaxdiff import data, evaluation, models
 from jaxdiff.core.diffusion import Diffusion
+from jaxdiff.io import files
 from jaxdiff.sampling import sample_from_config
 
 BEST_METRICS = ("bpd", "fd")
@@ -41,29 +42,52 @@ def best_metric_key(config: ml_collections.ConfigDict) -> str | None:
   return f"eval_{metric}" if metric else None
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for an ``eval`` section the loop cannot honour."""
-  ecfg = config.eval
-  problems = []
-  if ecfg.every < 0:
-    problems.append(f"eval.every={ecfg.every} must be >= 0 (0: no evaluation while training)")
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every problem with the ``eval`` section, one line each naming the field, its value and what
+  is allowed; empty when both ``jaxdiff evaluate`` and the loop can honour it."""
+  ecfg, lines = config.eval, []
+
+  def need(ok: bool, name: str, allowed: str) -> None:
+    if not ok:
+      lines.append(f"eval.{name}={ecfg[name]!r}: {allowed}")
+
+  need(isinstance(ecfg.split, str) and bool(ecfg.split), "split", "must name a split, e.g. 'test'")
+  need(_is_int(ecfg.num_examples, 0), "num_examples", "must be an int >= 0 (0: the whole split)")
+  need(_is_int(ecfg.num_samples, 2), "num_samples", "must be an int >= 2 (a covariance needs 2)")
+  need(_is_int(ecfg.batch_size, 1), "batch_size", "must be an int >= 1")
+  need(ecfg.features in evaluation.FEATURE_KINDS, "features",
+       f"must be one of {', '.join(evaluation.FEATURE_KINDS)}")  # fmt: skip
+  path = ecfg.features_path
+  # Remote files are the storage's to vouch for: asking may be slow or need credentials.
+  found = not path or files.is_uri(path) or files.as_path(path).is_file()
+  need(found, "features_path", "must be '' (the cached classifier) or an existing file")
+  need(_is_int(ecfg.every, 0), "every", "must be an int >= 0 (0: no evaluation while training)")
+  need(_is_int(ecfg.bpd_examples, 0), "bpd_examples", "must be an int >= 0 (0: no bits/dim)")
+  need(_is_int(ecfg.fd_samples, 0) and ecfg.fd_samples != 1, "fd_samples",
+       "must be 0 (no FD) or an int >= 2: a covariance needs at least 2 samples")  # fmt: skip
   if ecfg.every > 0 and ecfg.bpd_examples <= 0 and ecfg.fd_samples <= 0:
-    problems.append(
+    lines.append(
       f"eval.every={ecfg.every} but nothing to evaluate: set eval.bpd_examples > 0 and/or"
       " eval.fd_samples >= 2"
     )
-  if ecfg.fd_samples == 1:
-    problems.append("eval.fd_samples=1: a covariance needs at least 2 samples (0 disables FD)")
-  if ecfg.best_metric and ecfg.best_metric not in BEST_METRICS:
-    problems.append(f"eval.best_metric={ecfg.best_metric!r}; allowed: '', bpd, fd")
+  need(not ecfg.best_metric or ecfg.best_metric in BEST_METRICS, "best_metric",
+       f"must be '' or one of {', '.join(BEST_METRICS)}")  # fmt: skip
   needs = {"bpd": ecfg.bpd_examples, "fd": ecfg.fd_samples}
   if ecfg.best_metric in needs and (ecfg.every <= 0 or needs[ecfg.best_metric] <= 0):
     field = "bpd_examples" if ecfg.best_metric == "bpd" else "fd_samples"
-    problems.append(
-      f"eval.best_metric={ecfg.best_metric!r} needs eval.every > 0 and eval.{field} > 0"
-    )
-  if problems:
-    raise ValueError("; ".join(problems))
+    lines.append(f"eval.best_metric={ecfg.best_metric!r} needs eval.every > 0 and eval.{field} > 0")
+  return lines
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for an ``eval`` section the loop cannot honour (see :func:`problems`)."""
+  lines = problems(config)
+  if lines:
+    raise ValueError("; ".join(lines))
+
+
+def _is_int(x: Any, low: int) -> bool:
+  return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= low
 
 
 class LoopEvaluator:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -31,9 +32,9 @@ from flax import nnx
 from jaxdiff import data, models, parallel
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.io import checkpoints, files, images
-from jaxdiff.sampling import check_sampling, sample_from_config
+from jaxdiff.sampling import sample_from_config
 from jaxdiff.training import evaluator as evaluator_lib
-from jaxdiff.training import writers
+from jaxdiff.training import resume, validation, writers
 from jaxdiff.training.state import TrainState, abstract_state, build, create_state
 from jaxdiff.training.step import StepFn, jit_train_step, make_train_step
 
@@ -51,7 +52,8 @@ def stream(seed: int, which: int) -> jax.Array:
 
 
 class _StopRequested:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps; a second SIGINT (Ctrl-C
+  pressed again) interrupts at once, without the checkpoint."""
 
   def __init__(self):
     self.signum: int | None = None
@@ -65,7 +67,10 @@ class _StopRequested:
 
   def _handle(self, signum, frame):
     del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
     self.signum = signum
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -108,23 +113,114 @@ class _Loop:
     return None if pending is None else self.check(*pending)
 
 
-def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> tuple[_Loop, TrainState]:
-  """Everything before the first step: mesh, model, data, checkpoints, the state to start from."""
+@dataclasses.dataclass
+class _Start:
+  """Where a (re-)run starts: a restored checkpoint, or None for a fresh run."""
+
+  step: int = 0
+  state: TrainState | None = None
+  data_state: dict | None = None
+  changes: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  unreadable: list[int] = dataclasses.field(default_factory=list)  # newer, failed to restore
+  superseded: list[int] = dataclasses.field(default_factory=list)  # newer than checkpoint_step
+
+
+def _stored_config(reader: checkpoints.Checkpointer, step: int, workdir: epath.Path) -> dict:
+  """The config checkpoint ``step`` was trained with: stored in it, or (checkpoints of older
+  jaxdiff versions) the workdir's ``config.json``."""
+  stored = reader.read_config(step)
+  if stored:
+    return stored
+  path = workdir / "config.json"
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _find_start(
+  config: ml_collections.ConfigDict,
+  workdir: epath.Path,
+  abstract: TrainState,
+  shardings: Any,
+  checkpoint_step: int | None,
+) -> _Start:
+  """Reads (only) what the workdir holds: the checkpoint to resume from, after checking that
+  the config may resume it. Writes nothing, so a refusal leaves the run as it was."""
+  directory = workdir / "checkpoints"
+  steps: list[int] = []
+  if directory.is_dir():
+    reader = checkpoints.Checkpointer(directory, read_only=True)
+    steps = reader.all_steps()
+    if not steps:
+      reader.close()
+  if not steps:
+    if checkpoint_step is not None:
+      raise FileNotFoundError(f"--checkpoint_step={checkpoint_step}: no checkpoint in {directory}")
+    return _Start()
+  try:
+    newest = steps[-1] if checkpoint_step is None else checkpoint_step
+    if newest not in steps:
+      raise FileNotFoundError(
+        f"--checkpoint_step={checkpoint_step}: no checkpoint {checkpoint_step} in {directory};"
+        f" available: {steps}"
+      )
+    diff = resume.check(_stored_config(reader, newest, workdir), config, workdir)
+    step, state, data_state, skipped = reader.restore_newest_good(
+      abstract, shardings, checkpoint_step
+    )
+  finally:
+    reader.close()
+  unreadable = [s for s, _ in skipped]
+  superseded = [s for s in steps if s > step and s not in unreadable]
+  return _Start(step, state, data_state, diff, unreadable, superseded)
+
+
+def _write_start(config: ml_collections.ConfigDict, workdir: epath.Path, start: _Start) -> None:
+  """Process 0's writes once every check has passed: set aside the checkpoints after the one
+  resumed from, ``config.json``, and the history entry."""
+  directory = workdir / "checkpoints"
+  for steps, why in ((start.unreadable, "unreadable"), (start.superseded, "superseded")):
+    for path in checkpoints.set_aside(directory, steps, why):
+      print(f"set aside checkpoint {path.name.split('.')[0]} as {path}", flush=True)
+  writers.write_config(config, workdir)
+  fields = {"step": start.step, **resume.environment()}
+  if start.state is None:
+    resume.record(workdir, "start", **fields)
+    return
+  if start.changes:
+    fields["changes"] = {k: list(v) for k, v in start.changes.items()}
+  if start.unreadable or start.superseded:
+    fields["set_aside"] = {"unreadable": start.unreadable, "superseded": start.superseded}
+  resume.record(workdir, "resume", **fields)
+  changed = f"; changed: {resume.describe_changes(start.changes)}" if start.changes else ""
+  print(f"resumed from {directory} at step {start.step}{changed}", flush=True)
+
+
+def _setup(
+  config: ml_collections.ConfigDict, workdir: epath.Path, checkpoint_step: int | None
+) -> tuple[_Loop, TrainState] | None:
+  """Everything before the first step, in an order that writes nothing until all is known to
+  be well: check the config and the workdir, read the checkpoint to resume from, prepare and
+  open the data, then write. None: the run is already at ``training.num_steps``."""
   tcfg, is_main = config.training, jax.process_index() == 0
-  evaluator_lib.check(config)  # before anything is written
-  if problems := check_sampling(config):  # the loop's sample grids and FD draw with it
-    raise ValueError("; ".join(problems))
-  log = writers.make(config, workdir, enabled=is_main)  # a missing extra fails here, early
-  if is_main:
-    writers.write_config(config, workdir)
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(tcfg.batch_size, mesh)
+  validation.validate(config, mesh.size)
+  files.check_writable(workdir, "--workdir")
+  writers.require_extras(config)  # a missing optional package fails here, early
   graphdef, _, optimizer, diffusion = build(config)
   abstract = abstract_state(config, optimizer)
   shardings = parallel.state_sharding(mesh, abstract, fsdp=tcfg.fsdp)
+  start = _find_start(config, workdir, abstract, shardings, checkpoint_step)
+  if start.step >= tcfg.num_steps:
+    print(f"{workdir} is at step {start.step} >= training.num_steps={tcfg.num_steps}: done")
+    return None
   if is_main:
     data.prepare(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
   parallel.sync("prepared")
+  iterator = data.make_iterator(config, split=config.data.split, batch_size=tcfg.batch_size)
+  if start.data_state:
+    iterator.set_state(start.data_state)
+  if is_main:
+    _write_start(config, workdir, start)
+  parallel.sync("started")
   loop = _Loop(
     config=config,
     workdir=workdir,
@@ -134,28 +230,24 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> tuple[_Loo
     step_fn=jit_train_step(
       make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings
     ),
-    iterator=data.make_iterator(config, split=config.data.split, batch_size=tcfg.batch_size),
+    iterator=iterator,
     ckpt=checkpoints.Checkpointer(
       workdir / "checkpoints",
       max_to_keep=tcfg.keep_checkpoints,
       best_metric=evaluator_lib.best_metric_key(config),
     ),
-    log=log,
+    log=writers.make(config, workdir, enabled=is_main),
     evaluator=(
       evaluator_lib.LoopEvaluator(config, graphdef, diffusion, mesh)
       if config.eval.every > 0
       else None
     ),
+    last_saved=start.step if start.state is not None else None,
   )
-  loop.last_saved = loop.ckpt.latest_step()
-  loop.log.truncate_after(loop.last_saved or 0)  # from 0: what a run killed before saving logged
-  if loop.last_saved is None:
+  loop.log.truncate_after(start.step)  # from 0: what a run killed before saving logged
+  if start.state is None:
     return loop, create_state(config, optimizer, stream(config.seed, INIT), shardings)
-  state, data_state = loop.ckpt.restore(abstract, shardings, loop.last_saved)
-  if data_state:
-    loop.iterator.set_state(data_state)
-  print(f"resumed from {loop.ckpt.directory} at step {loop.last_saved}", flush=True)
-  return loop, state
+  return loop, start.state
 
 
 def _sample_grid(loop: _Loop, state: TrainState, step: int) -> None:
@@ -205,16 +297,53 @@ class _Throughput:
     return rate
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Trains (or resumes training) per ``config``; returns the last logged metrics."""
-  loop, state = _setup(config, files.as_path(workdir))  # gs:// stays remote
-  tcfg = config.training
+class TrainingStopped(Exception):
+  """A signal (SIGTERM, SIGINT) on any process stopped training; every process saved the same
+  step first. Re-running the same command resumes there."""
+
+  def __init__(self, signum: int, step: int, directory: epath.Path):
+    self.signum, self.step = signum, step
+    name = signal.Signals(signum).name
+    super().__init__(
+      f"stopped by {name} after step {step}; checkpoint {step} is saved in {directory}:"
+      " run the same command to resume"
+    )
+
+
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  *,
+  checkpoint_step: int | None = None,
+) -> dict[str, Any]:
+  """Trains (or resumes training) per ``config``; returns the last logged metrics.
+
+  Args:
+    config: the run's config; checked whole before anything is read or written.
+    workdir: the run's folder, local or ``gs://``. If it holds checkpoints, training resumes
+      from the newest one that restores (one that fails is set aside with a warning), provided
+      ``config`` changes nothing they were trained with (``jaxdiff.training.resume``).
+    checkpoint_step: resume from this checkpoint instead; newer ones are set aside (renamed).
+
+  Raises:
+    ConfigError: bad config fields (all of them named).
+    ResumeRefusedError: ``config`` changes the model, diffusion or data of the run.
+    NonFiniteLossError: a non-finite loss, gradient or parameter norm (the run stops at once).
+    TrainingStopped: a SIGTERM / SIGINT stopped the run after saving a checkpoint.
+  """
+  workdir = files.as_path(workdir)  # gs:// stays remote
+  setup = _setup(config, workdir, checkpoint_step)
+  if setup is None:
+    return {}
+  loop, state = setup
+  tcfg, is_main = config.training, jax.process_index() == 0
   start = int(jax.device_get(state.step))
   train_key, throughput, last_record = stream(config.seed, TRAIN), _Throughput(tcfg.batch_size), {}
-  is_main = jax.process_index() == 0
+  stored_config = resume.as_json(config)
   bar = tqdm.tqdm(
     total=tcfg.num_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True
   )
+  step, stop_signal, outcome = start, 0, "failed"
   try:
     with _StopRequested() as stop:
       for step in range(start + 1, tcfg.num_steps + 1):  # `step` counts completed steps
@@ -228,17 +357,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
           last_record = record
           bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_sec']:.0f}")
         evaluation = _evaluate(loop, state, step)
-        stopping = stop.signum is not None
-        if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stopping or evaluation:
+        # Every process stops at the same step, whichever of them was signalled.
+        stop_signal = parallel.max_over_processes(stop.signum or 0)
+        if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stop_signal or evaluation:
           loop.flush()
-          loop.ckpt.save(step, state, loop.iterator.get_state(), metrics=evaluation)
+          loop.ckpt.save(
+            step, state, loop.iterator.get_state(), metrics=evaluation, config=stored_config
+          )
           loop.last_saved = step
-        if stopping:
-          print(f"\nsignal {stop.signum}: saved checkpoint {step}, stopping", flush=True)
+        if stop_signal:
           break
+    outcome = "stopped" if stop_signal else "finished"
   finally:
     bar.close()
     loop.ckpt.wait()
     loop.ckpt.close()
     loop.log.close()  # after the checkpoint, which matters more
+    if is_main:
+      end = {"step": step, "last_checkpoint": loop.last_saved}
+      if stop_signal:
+        end["signal"] = signal.Signals(stop_signal).name
+      resume.record(loop.workdir, outcome, **end)
+  if stop_signal:
+    raise TrainingStopped(stop_signal, step, loop.ckpt.directory)
   return last_record

@@ -9,11 +9,13 @@ import ml_collections
 from jaxdiff import models, parallel
 from jaxdiff.training.state import abstract_state, build
 from jaxdiff.training.step import jit_train_step, make_train_step
+from jaxdiff.training.validation import validate
 
 
 def dry_run(config: ml_collections.ConfigDict) -> str:
   """One screen about the run without touching data: sizes, shapes, memory."""
   mesh = parallel.make_mesh()
+  validate(config, mesh.size)
   tcfg, dcfg = config.training, config.data
   local_batch = parallel.check_batch_size(tcfg.batch_size, mesh)
   graphdef, abstract_params, optimizer, diffusion = build(config)

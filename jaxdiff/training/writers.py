@@ -289,6 +289,16 @@ class WandbWriter(Writer):
       self.run = None
 
 
+def require_extras(config: ml_collections.ConfigDict) -> None:
+  """Raises ImportError (saying how to install or turn off) if a writer the config asks for
+  lacks its optional package."""
+  tcfg = config.training
+  if tcfg.tensorboard:
+    _require("tensorboard", "training.tensorboard=True")
+  if tcfg.wandb_project:
+    _require("wandb", f"training.wandb_project={tcfg.wandb_project!r}")
+
+
 def make(config: ml_collections.ConfigDict, workdir: str | os.PathLike, enabled: bool) -> Writer:
   """The run's writer: ``metrics.jsonl`` and the plots always, TensorBoard if
   ``training.tensorboard``, W&B if ``training.wandb_project``.
@@ -297,10 +307,7 @@ def make(config: ml_collections.ConfigDict, workdir: str | os.PathLike, enabled:
   before any training); only the one with ``enabled`` (process 0) gets a writer that writes.
   """
   tcfg = config.training
-  if tcfg.tensorboard:
-    _require("tensorboard", "training.tensorboard=True")
-  if tcfg.wandb_project:
-    _require("wandb", f"training.wandb_project={tcfg.wandb_project!r}")
+  require_extras(config)
   if not enabled:
     return Writer()
   workdir = files.as_path(workdir)
