@@ -144,6 +144,18 @@ def test_a_typo_in_a_config_key_is_one_line(good_run, image_dir):
   assert proc.stderr.strip().count("\n") == 0, proc.stderr  # one line
 
 
+def test_a_broken_image_is_named_before_training(image_dir, tmp_path):
+  images = tmp_path / "images"
+  shutil.copytree(image_dir, images)
+  broken = sorted((images / "class1").iterdir())[3]
+  broken.write_bytes(broken.read_bytes()[:40])  # cut short, as an interrupted copy leaves it
+  workdir = tmp_path / "run"
+  proc = jaxdiff_cli(*_train_args(workdir, images))
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert f"bad image file {broken}" in proc.stderr and "skip_bad_images=True" in proc.stderr
+  assert not workdir.exists()  # refused before anything was written
+
+
 def test_a_changed_safe_field_resumes_and_is_recorded(good_run, image_dir, tmp_path):
   run = _copy(good_run, tmp_path)
   config = _good_config(image_dir, training__num_steps=3, sampling__num_steps=4)

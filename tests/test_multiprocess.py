@@ -40,6 +40,16 @@ def _train_cmd(workdir, image_dir):
   ]  # fmt: skip
 
 
+def _images(folder):
+  """32 random 8x8 grey PNGs in one folder: one class."""
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(32):
+    pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(folder / f"{i:02d}.png")
+  return folder
+
+
 def _losses(workdir):
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   return np.array([json.loads(line)["loss"] for line in lines])
@@ -47,13 +57,7 @@ def _losses(workdir):
 
 @pytest.mark.slow  # three JAX processes compiling the same step: minutes on 2 cores
 def test_two_processes_match_one(tmp_path):
-  image_dir = tmp_path / "images"
-  image_dir.mkdir()
-  rng = np.random.default_rng(0)
-  for i in range(32):
-    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(
-      image_dir / f"{i:02d}.png"
-    )
+  image_dir = _images(tmp_path / "images")
 
   single = tmp_path / "single"
   subprocess.run(
@@ -96,13 +100,7 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow  # two JAX processes compiling the train step: about a minute on 2 cores
 def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
-  image_dir = tmp_path / "images"
-  image_dir.mkdir()
-  rng = np.random.default_rng(0)
-  for i in range(32):
-    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(
-      image_dir / f"{i:02d}.png"
-    )
+  image_dir = _images(tmp_path / "images")
   workdir = tmp_path / "run"
   address = f"127.0.0.1:{_free_port()}"
   cmd = _train_cmd(workdir, image_dir) + [

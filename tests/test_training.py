@@ -111,6 +111,8 @@ def test_train_step_traces_once_and_learns():
   assert losses[-10:].mean() < losses[:10].mean()
 
 
+@pytest.mark.slow  # three train-step compiles (~1 min); the fast suite trains on 8 devices
+# throughout (conftest), so the sharded step itself is covered there
 def test_same_losses_on_1_and_8_devices_replicated_and_fsdp():
   assert jax.device_count() == 8
   config = _config(model__dropout=0.1)  # dropout masks must not depend on the device count

@@ -78,32 +78,29 @@ def _is_abandoned_read(exc: BaseException | None) -> bool:
   )
 
 
-@contextlib.contextmanager
-def _failed_reads_drained() -> Iterator[None]:
-  """When the block raises, silences what orbax's abandoned reads print afterwards.
+def _quiet_abandoned_reads() -> None:
+  """From now on, drops what orbax's abandoned reads print (installed once per process).
 
   A restore that fails on one array leaves orbax's other reads in flight: as they finish they
   call back into an event loop orbax has already closed, and their coroutines are collected
-  unawaited, each printing a traceback of up to 80 lines (from tensorstore's threads, or at
-  exit) through ``sys.unraisablehook``, or a "never awaited" warning. Those, and only those, are
-  dropped, so that a failed restore is the one message about it.
+  unawaited, each printing a traceback of up to 80 lines (from tensorstore's threads, at any
+  moment, or at exit) through ``sys.unraisablehook``, or a "never awaited" warning. Those, and
+  only those, are dropped, so that a failed restore is the one message about it. Installed
+  before a restore starts: the first callbacks can fire before the failure reaches us.
   """
-  try:
-    yield
-  except Exception:
-    previous = sys.unraisablehook
-    if not getattr(previous, "_jaxdiff", False):
+  previous = sys.unraisablehook
+  if getattr(previous, "_jaxdiff", False):
+    return
 
-      def hook(unraisable):
-        if not _is_abandoned_read(unraisable.exc_value):
-          previous(unraisable)
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value):
+      previous(unraisable)
 
-      hook._jaxdiff = True
-      sys.unraisablehook = hook
-      warnings.filterwarnings(
-        "ignore", r"coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
-      )
-    raise
+  hook._jaxdiff = True
+  sys.unraisablehook = hook
+  warnings.filterwarnings(
+    "ignore", r"coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
+  )
 
 
 class Checkpointer:
@@ -237,9 +234,9 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     skipped: list[tuple[int, str]] = []
     for candidate in candidates:
+      _quiet_abandoned_reads()
       try:
-        with _failed_reads_drained():
-          state, data_state = self.restore(abstract_state, shardings, candidate)
+        state, data_state = self.restore(abstract_state, shardings, candidate)
       except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise plain Exception
         skipped.append((candidate, describe(e)))
         continue
