@@ -1,0 +1,156 @@
+"""Independent float64 NumPy references for the continuous-time maths (jaxdiff.core.continuous,
+jaxdiff.core.zero_snr).
+
+Written from the papers, not from jaxdiff, and where there is a choice in another shape: the
+prediction conversions solve the 2x2 linear system, alpha and sigma come from the papers' own
+closed forms (no expm1 or sine products), gamma'(t) by central differences, the VDM decoder as
+normalised Gaussian densities of z_0, scalar loops for the grids and schedules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def x0_eps_from(kind, pred, x_t, alpha, sigma):
+  """Solve ``[x_t, pred] = M [x0, eps]`` elementwise; M from the definition of ``kind``."""
+  x0, eps = np.empty_like(x_t), np.empty_like(x_t)
+  for idx in np.ndindex(x_t.shape):
+    a, s = alpha[idx[0]], sigma[idx[0]]
+    second = {"eps": (0.0, 1.0), "x0": (1.0, 0.0), "v": (-s, a), "score": (0.0, -1.0 / s)}[kind]
+    m = np.array([[a, s], second])
+    x0[idx], eps[idx] = np.linalg.solve(m, np.array([x_t[idx], pred[idx]]))
+  return x0, eps
+
+
+def prediction(kind, x0, eps, alpha, sigma):
+  a = alpha.reshape(-1, *([1] * (x0.ndim - 1)))
+  s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+  return {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s}[kind]
+
+
+# ----------------------------------------------------------------------------- VP schedules
+
+
+def vp_linear(t, beta_min=0.1, beta_max=20.0):
+  """Song et al. 2021, App. B: the mean coefficient exp(-t^2 (b_max - b_min) / 4 - t b_min / 2)."""
+  log_alpha = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+  alpha = math.exp(log_alpha)
+  var = 1.0 - alpha**2
+  return alpha, math.sqrt(var), math.log(alpha**2 / var) if var > 0 else math.inf
+
+
+def vp_cosine(t, s=0.008):
+  """Nichol & Dhariwal eq. 17: alpha_bar = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) pi / 2)."""
+
+  def f(u):
+    return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+  ab = min(max(f(t) / f(0), 0.0), 1.0) if t < 1 else 0.0
+  return math.sqrt(ab), math.sqrt(1 - ab)
+
+
+def derivative(fn, t, h=1e-5):
+  """Central difference in float64."""
+  return (fn(t + h) - fn(t - h)) / (2 * h)
+
+
+# ----------------------------------------------------------------------------- VDM
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+def vdm_prior_kl(x, gamma_1):
+  """Per example: sum over pixels of KL(N(alpha_1 x, sigma_1^2) || N(0, 1))."""
+  a, s = math.sqrt(sigmoid(-gamma_1)), math.sqrt(sigmoid(gamma_1))
+  return np.sum(-math.log(s) + (s**2 + (a * x) ** 2) / 2 - 0.5)
+
+
+def vdm_decoder_logprobs(z0, gamma_0, values):
+  """log p(x = k | z_0) proportional to the density q(z_0 | x = x_k) = N(z_0; alpha_0 x_k,
+  sigma_0^2), normalised over k with log-sum-exp. Per element, scalar maths."""
+  a, s = math.sqrt(sigmoid(-gamma_0)), math.sqrt(sigmoid(gamma_0))
+  out = np.empty(z0.shape + (len(values),))
+  for idx in np.ndindex(z0.shape):
+    logd = np.array([-0.5 * ((z0[idx] - a * v) / s) ** 2 for v in values])
+    top = logd.max()
+    out[idx] = logd - (top + math.log(sum(math.exp(d - top) for d in logd)))
+  return out
+
+
+# ----------------------------------------------------------------------------- EDM
+
+
+def edm_precond(sigma, sigma_data=0.5):
+  """Karras et al. 2022, Table 1."""
+  c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+  c_out = sigma * sigma_data / math.sqrt(sigma_data**2 + sigma**2)
+  c_in = 1 / math.sqrt(sigma**2 + sigma_data**2)
+  c_noise = math.log(sigma) / 4
+  return c_skip, c_out, c_in, c_noise
+
+
+def edm_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+  out = []
+  for i in range(n):
+    frac = i / (n - 1) if n > 1 else 0.0
+    out.append(
+      (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    )
+  return np.array(out + [0.0])
+
+
+def edm_step(x, sigma, sigma_next, denoise, gamma=0.0, z=None, s_noise=1.0):
+  """Karras et al. 2022, Alg. 2 lines 4-10 (Alg. 1 when gamma = 0), one step."""
+  sigma_hat = sigma * (1 + gamma)
+  x_hat = x if gamma == 0 else x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * z
+  d = (x_hat - denoise(x_hat, sigma_hat)) / sigma_hat
+  x_next = x_hat + (sigma_next - sigma_hat) * d
+  if sigma_next != 0:
+    d_prime = (x_next - denoise(x_next, sigma_next)) / sigma_next
+    x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_prime)
+  return x_next
+
+
+# ----------------------------------------------------------------------------- Gaussian data
+
+
+def gaussian_logpdf(x, mean, cov):
+  """log N(x; mean, cov) per row of x [B, D]."""
+  inv, (_, logdet) = np.linalg.inv(cov), np.linalg.slogdet(cov)
+  diff = x - mean
+  quad = np.einsum("bi,ij,bj->b", diff, inv, diff)
+  return -0.5 * quad - 0.5 * logdet - 0.5 * x.shape[1] * math.log(2 * math.pi)
+
+
+def gaussian_denoiser(x, sigma, mu, s):
+  """E[y | y + sigma n = x] for y ~ N(mu, s^2): the precision-weighted mean."""
+  return (x / sigma**2 + mu / s**2) / (1 / sigma**2 + 1 / s**2)
+
+
+# ----------------------------------------------------------------------------- Lin et al. 2024
+
+
+def zero_terminal_snr(betas):
+  """Alg. 1, step by step with Python floats."""
+  ab, acc = [], 1.0
+  for b in betas:
+    acc *= 1 - b
+    ab.append(acc)
+  root = [math.sqrt(a) for a in ab]
+  a0, a_t = root[0], root[-1]
+  root = [(r - a_t) * a0 / (a0 - a_t) for r in root]
+  ab = [r * r for r in root]
+  alphas = [ab[0]] + [ab[i] / ab[i - 1] for i in range(1, len(ab))]
+  return np.array([1 - a for a in alphas])
+
+
+def trailing(T, S):
+  """Table 2's expression on steps 1..T, shifted to indices 0..T-1."""
+  return (np.round(np.flip(np.arange(T, 0, -T / S))).astype(np.int64) - 1).tolist()
