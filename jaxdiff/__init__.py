@@ -46,10 +46,12 @@ _SUBPACKAGES = (
   "data",
   "evaluation",
   "io",
+  "latent",
   "models",
   "parallel",
   "run",
   "sampling",
+  "text",
   "training",
 )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import numbers
 import os
 import sys
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 
 # Long: the schema is one flat list of fields, one per line, read top to bottom.
@@ -53,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
-  model.name = "unet"  # "unet" | "dit"
+  model.name = "unet"  # "unet" | "dit" | "autoencoder" (trains config.autoencoder's model)
   # U-Net (Ho et al. 2020, App. B, and improved-diffusion variants).
   model.ch = 64
   model.ch_mult = (1, 2, 2)
@@ -76,6 +78,37 @@ def get_config() -> ml_collections.ConfigDict:
   model.hidden_size = 192
   model.depth = 6
   model.mlp_ratio = 4.0
+
+  # ---------------------------------------------------------------- autoencoder
+  # With model.name = "autoencoder" the run trains LDM's KL autoencoder (Rombach et al. 2022):
+  # its encoder and decoder use model.ch, ch_mult (f = 2 ** (len - 1)), num_res_blocks,
+  # attn_resolutions (of the padded image), num_groups, num_heads and dropout.
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.latent_channels = 4
+  ae.padded_size = 0  # images are edge-padded to this side and cropped back; 0 = data.image_size
+  ae.kl_weight = 1e-6  # beta of the KL term (LDM: 1e-6)
+  ae.l2_weight = 0.0  # reconstruction = L1 + l2_weight * L2
+  ae.perceptual_weight = 0.0  # > 0: squared distance of the dataset classifier's features
+  ae.disc_weight = 0.0  # > 0: a PatchGAN with the hinge loss
+  ae.disc_start = 1000  # the adversarial terms count from this step on (LDM's warm-up)
+  ae.disc_ch = 32
+  ae.disc_layers = 2
+  ae.scale_examples = 2048  # training images whose latents set the stored scale factor
+
+  # ---------------------------------------------------------------- latent
+  # Diffusion in an autoencoder's latent space (LDM): set autoencoder_workdir to a finished
+  # autoencoder run. The training split is encoded once into a cache keyed by its checkpoint.
+  config.latent = latent = ml_collections.ConfigDict()
+  latent.autoencoder_workdir = ""  # "" = pixel space
+  latent.autoencoder_step = ml_collections.config_dict.placeholder(int)  # None = newest
+  latent.sample = False  # cache a seeded posterior draw instead of the posterior mean
+  latent.cache_dir = ""  # "" = AUTOENCODER_WORKDIR/latents
+  latent.encode_batch_size = 512
+  # Filled in from the autoencoder when the run starts (and stored in config.json):
+  latent.size = ml_collections.config_dict.placeholder(int)
+  latent.channels = ml_collections.config_dict.placeholder(int)
+  latent.scale_factor = ml_collections.config_dict.placeholder(float)
+  latent.digest = ""  # of the autoencoder checkpoint the run trains on
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -143,6 +176,56 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.lock()
   return config
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """A run's ``config.json`` (``workdir`` local or ``gs://``), with the schema's defaults for any
+  field the run's jaxdiff version did not have yet.
+
+  Raises:
+    FileNotFoundError: ``workdir`` has no ``config.json``.
+  """
+  path = epath.Path(os.fspath(workdir)) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
+  return _with_defaults(ml_collections.ConfigDict(json.loads(path.read_text())), get_config())
+
+
+def _with_defaults(
+  config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+  """``config`` plus every field of ``defaults`` it lacks (recursively); its own values kept."""
+  for key, default in defaults.items():
+    if key not in config:
+      config[key] = default
+    elif isinstance(default, ml_collections.ConfigDict):
+      _with_defaults(config[key], default)
+  return config
+
+
+def is_latent(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run diffuses in an autoencoder's latent space (``latent.autoencoder_workdir``)."""
+  latent = config.get("latent")
+  return bool(latent is not None and latent.get("autoencoder_workdir"))
+
+
+def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """``(H, W, C)`` of what the denoiser sees: the images, or in a latent run the latents.
+
+  Raises:
+    ValueError: a latent run whose latent shape has not been read from its autoencoder yet
+      (``jaxdiff.latent.resolve`` does that when the run starts).
+  """
+  if is_latent(config):
+    latent = config.latent
+    if latent.size is None or latent.channels is None:
+      raise ValueError(
+        "latent.size and latent.channels are unset: jaxdiff.latent.resolve(config) reads them"
+        f" from the autoencoder run {latent.autoencoder_workdir}"
+      )
+    return (latent.size, latent.size, latent.channels)
+  data = config.data
+  return (data.image_size, data.image_size, data.channels)
 
 
 def from_file(path: str | os.PathLike, *args: str) -> ml_collections.ConfigDict:

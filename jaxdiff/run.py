@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 from typing import Any
 
@@ -27,12 +27,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdiff import models, parallel
-from jaxdiff.config import get_config
+from jaxdiff.config import is_latent, read_config
 from jaxdiff.core import diffusion as diffusion_lib
 from jaxdiff.io import checkpoints, files, images
+from jaxdiff.models import autoencoder as autoencoder_lib
 from jaxdiff.sampling import sample_from_config
 from jaxdiff.training.evaluator import best_metric_key
-from jaxdiff.training.state import abstract_state, build
+from jaxdiff.training.state import build, restore
 
 PARAMS = ("ema", "raw")
 
@@ -49,6 +50,9 @@ class Run:
     params: the EMA parameters (what samples and evaluations use).
     raw_params: the optimiser's parameters at that step.
     mesh: the devices the parameters are replicated over.
+    stats: what the checkpoint stores beside the state; an autoencoder run's latent scale
+      (``scale_factor``).
+    autoencoder: a latent run's autoencoder (a ``Run``), which :meth:`decode` uses.
   """
 
   workdir: epath.Path
@@ -58,6 +62,12 @@ class Run:
   params: Any
   raw_params: Any
   mesh: Mesh
+  stats: dict = dataclasses.field(default_factory=dict)
+  autoencoder: Run | None = None
+
+  @property
+  def is_autoencoder(self) -> bool:
+    return self.config.model.name == "autoencoder"
 
   @property
   def diffusion(self) -> diffusion_lib.Diffusion:
@@ -67,6 +77,46 @@ class Run:
   def image_shape(self) -> tuple[int, int, int]:
     d = self.config.data
     return (d.image_size, d.image_size, d.channels)
+
+  @functools.cached_property
+  def _coder(self) -> tuple[Any, Any]:
+    """Jitted ``encode(params, images, key)`` and ``decode(params, latents)`` of an autoencoder."""
+    if not self.is_autoencoder:
+      raise ValueError(
+        f"{self.workdir} is not an autoencoder run (model.name={self.config.model.name!r})"
+      )
+    return jax.jit(autoencoder_lib.Coder(self.graphdef).encode), jax.jit(
+      autoencoder_lib.Coder(self.graphdef).decode
+    )
+
+  @property
+  def scale_factor(self) -> float:
+    """An autoencoder's latent scale: ``1 / std`` of its latents over training images."""
+    if "scale_factor" not in self.stats:
+      raise ValueError(f"checkpoint {self.step} of {self.workdir} stores no latent scale factor")
+    return float(self.stats["scale_factor"])
+
+  def encode(self, images: Any, key: jax.Array | None = None) -> jax.Array:
+    """An autoencoder's scaled latents of ``images`` (float ``[B, H, W, C]`` in [-1, 1]): the
+    posterior mean times :attr:`scale_factor`, or with ``key`` a draw from the posterior."""
+    encode, _ = self._coder
+    return encode(self.params, images, key) * self.scale_factor
+
+  def decode(self, latents: Any) -> jax.Array:
+    """Images ``[B, H, W, C]`` (float, ~[-1, 1]) from scaled latents: an autoencoder's own, or
+    a latent run's through its autoencoder."""
+    if self.autoencoder is not None:
+      return self.autoencoder.decode(latents)
+    _, decode = self._coder
+    return decode(self.params, latents / self.scale_factor)
+
+  def reconstruct(self, images: Any, params: str = "ema") -> jax.Array:
+    """An autoencoder's decoding of its posterior mean for ``images`` (float, [-1, 1])."""
+    if params not in PARAMS:
+      raise ValueError(f"params={params!r}; allowed: {', '.join(PARAMS)}")
+    encode, decode = self._coder
+    p = self.params if params == "ema" else self.raw_params
+    return decode(p, encode(p, images))
 
   def model_fn(self, which: str = "ema") -> jax.tree_util.Partial:
     """``model_fn(x_t, t, y=None, *, key=None)`` with the EMA or the raw parameters."""
@@ -92,6 +142,8 @@ class Run:
     ``guidance_scale``; None keeps the config's value. Writes nothing. With
     ``return_trajectory``, also the chain ``[S + 1, N, H, W, C]`` (uint8, x_T first).
     """
+    if self.is_autoencoder:
+      raise ValueError(f"{self.workdir} is an autoencoder run: it encodes and decodes, not samples")
     if "steps" in overrides:
       overrides["num_steps"] = overrides.pop("steps")
     out = sample_from_config(
@@ -105,36 +157,12 @@ class Run:
       class_label=class_label,
       return_trajectory=return_trajectory,
       progress=progress,
+      decode=self.decode if self.autoencoder is not None else None,
       **overrides,
     )
     if return_trajectory:
       return images.to_uint8(out[0]), images.to_uint8(out[1])
     return images.to_uint8(out)
-
-
-def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """A run's ``config.json`` (``workdir`` local or ``gs://``), with the schema's defaults for any
-  field the run's jaxdiff version did not have yet.
-
-  Raises:
-    FileNotFoundError: ``workdir`` has no ``config.json``.
-  """
-  path = files.as_path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
-  return _with_defaults(ml_collections.ConfigDict(json.loads(path.read_text())), get_config())
-
-
-def _with_defaults(
-  config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
-) -> ml_collections.ConfigDict:
-  """``config`` plus every field of ``defaults`` it lacks (recursively); its own values kept."""
-  for key, default in defaults.items():
-    if key not in config:
-      config[key] = default
-    elif isinstance(default, ml_collections.ConfigDict):
-      _with_defaults(config[key], default)
-  return config
 
 
 def _pick_step(ckpt: checkpoints.Checkpointer, step: int | None, best: bool) -> int | None:
@@ -178,16 +206,34 @@ def load_run(
   workdir = files.as_path(workdir)
   config = read_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  graphdef, _, optimizer, _ = build(config)
-  abstract = abstract_state(config, optimizer)
+  graphdef = build(config)[0]
   directory = workdir / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint in {directory}: train first (jaxdiff train)")
   ckpt = checkpoints.Checkpointer(directory, best_metric=best_metric_key(config), read_only=True)
   try:
     step = _pick_step(ckpt, step, best)
-    shardings = parallel.state_sharding(mesh, abstract)
-    _, state, _, _ = ckpt.restore_newest_good(abstract, shardings, step)
   finally:
     ckpt.close()
-  return Run(workdir, config, int(state.step), graphdef, state.ema_params, state.params, mesh)
+  step, state, stats = restore(config, directory, mesh, step)
+  ae = _latent_autoencoder(config, mesh) if is_latent(config) else None
+  return Run(
+    workdir, config, int(state.step), graphdef, state.ema_params, state.params, mesh, stats, ae
+  )
+
+
+def _latent_autoencoder(config: ml_collections.ConfigDict, mesh: Mesh) -> Run:
+  """The autoencoder a latent run was trained on, checked to be the very checkpoint."""
+  latent = config.latent
+  ae = load_run(latent.autoencoder_workdir, latent.autoencoder_step, mesh=mesh)
+  reader = checkpoints.Checkpointer(ae.workdir / "checkpoints", read_only=True)
+  try:
+    digest = reader.digest(ae.step)
+  finally:
+    reader.close()
+  if latent.digest and digest != latent.digest:
+    raise checkpoints.CheckpointError(
+      f"checkpoint {ae.step} of the autoencoder run {ae.workdir} is not the one this latent run"
+      f" was trained on (its digest is {digest[:12]}, the run's latent.digest {latent.digest[:12]})"
+    )
+  return ae

@@ -243,6 +243,7 @@ def test_training_resumes_from_the_last_good_checkpoint(good_run, image_dir, tmp
   assert training.read_history(run)[-2]["set_aside"] == {"unreadable": [2], "superseded": []}
 
 
+@pytest.mark.slow  # a whole run; the fast suite resumes in the test above
 def test_training_resumes_from_a_chosen_step(good_run, image_dir, tmp_path):
   run = _copy(good_run, tmp_path)
   training.train(_good_config(image_dir), run, checkpoint_step=1)

@@ -12,16 +12,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxdiff"
 ALLOWED = {
   "config": set(),  # the schema and defaults: ml_collections only
   "core": set(),
-  "models": set(),
+  "models": {"config"},
   "parallel": set(),
   "io": set(),
-  "sampling": {"core", "parallel"},
+  "sampling": {"config", "core", "parallel"},
   "data": {"parallel", "io"},
+  "latent": {"config", "models", "parallel", "data", "io"},
+  "text": {"models"},  # the pretrained text encoder: finds, reads and tokenizes
   "evaluation": {"core", "models", "parallel", "sampling", "data", "io"},
-  "training": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"},
+  "training": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"}
+  | {"latent"},
   "run": {"config", "core", "models", "parallel", "sampling", "io", "training"},
   "cli": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"}
-  | {"training", "run"},
+  | {"latent", "training", "run"},
   "__main__": {"cli"},  # python -m jaxdiff
 }
 # core is the maths: no third-party package but these.

@@ -253,6 +253,7 @@ def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(image_dir, tmp_pat
   ckpt.close()
 
 
+@pytest.mark.slow  # a whole run stopped by a signal
 def test_sigterm_saves_a_checkpoint_and_stops(image_dir, tmp_path, monkeypatch):
   def send_sigterm(batch):
     os.kill(os.getpid(), signal.SIGTERM)

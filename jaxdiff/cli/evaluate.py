@@ -4,13 +4,20 @@
   jaxdiff evaluate --workdir runs/fmnist --metric fd --num_samples 10000 --sampler ddim --steps 100
   jaxdiff evaluate --workdir runs/cifar10 --metric fid --num_samples 50000 \\
       --features_path pt_inception.npz                   # the standard FID: Inception features
+  jaxdiff evaluate --workdir runs/fm_autoencoder --metric recon --split test  # an autoencoder
 
 ``fd`` is the Fréchet distance between the features of samples and of the reference split, with
 the feature network ``config.eval.features`` (default: jaxdiff's classifier of the dataset; it is
 not comparable with published FIDs); ``fid`` is the same with InceptionV3 features, the published
-metric. Options left unset come from the run's ``config.eval`` and ``config.sampling``;
-``--config.eval.KEY=value`` / ``--config.sampling.KEY=value`` change any of their fields for
-this command, and the short flags are other names for the same fields.
+metric. ``recon`` (autoencoder runs) is the PSNR of the reconstructions of ``eval.split`` and
+their FD to the split (the data floor of latent models on that autoencoder). A latent run's
+``fd`` / ``fid`` scores its decoded samples; its ``bpd`` is the bound over the autoencoder's
+scaled latents of the split, reported as metric ``latent_bpd`` in ``latent_bpd_*`` files (bits
+per latent dimension with a Gaussian decoder term): never comparable with, nor named as, a
+pixel model's bits/dim. Options left unset
+come from the run's ``config.eval`` and ``config.sampling``; ``--config.eval.KEY=value`` /
+``--config.sampling.KEY=value`` change any of their fields for this command, and the short
+flags are other names for the same fields.
 
 Loads the run (``jaxdiff.load_run``), calls the evaluator (``jaxdiff.evaluation``), writes the
 record and its other outputs under ``--out`` (default ``WORKDIR/eval``; ``--out=''`` writes
@@ -32,7 +39,7 @@ from jaxdiff import cli
 from jaxdiff.cli import overrides
 
 flags.DEFINE_string("workdir", None, "The training run's directory.")
-flags.DEFINE_enum("metric", None, ["bpd", "fd", "fid"], "What to evaluate (see above).")
+flags.DEFINE_enum("metric", None, ["bpd", "fd", "fid", "recon"], "What to evaluate (see above).")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to load (default: the newest).")
 flags.DEFINE_bool("best", False, "Load the checkpoint kept as the best by eval.best_metric.")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "The EMA or the optimiser's parameters.")
@@ -95,13 +102,31 @@ def _out_dir() -> Any:
   return files.as_path(FLAGS.out) if FLAGS.out else None
 
 
+def _kind_problems(config: Any) -> list[str]:
+  """A metric the run cannot give: each kind of run has its own."""
+
+  if config.model.name == "autoencoder":
+    if FLAGS.metric != "recon":
+      return [
+        f"--metric {FLAGS.metric}: {FLAGS.workdir} is an autoencoder run, which encodes and"
+        " decodes rather than samples; use --metric recon"
+      ]
+    return []
+  if FLAGS.metric == "recon":
+    return [f"--metric recon: {FLAGS.workdir} is not an autoencoder run (model.name="
+            f"{config.model.name!r})"]  # fmt: skip
+  return []
+
+
 def _check(config: Any) -> list[str]:
   """Every problem with the options this metric uses, before anything is loaded."""
-  ecfg, problems = config.eval, []
-  if FLAGS.metric == "bpd":
+  ecfg, problems = config.eval, _kind_problems(config)
+  if problems:
+    return problems
+  if FLAGS.metric in ("bpd", "recon"):
     if ecfg.num_examples < 0:
       problems.append(f"eval.num_examples={ecfg.num_examples}: an integer >= 0 (0 = all)")
-    if FLAGS.t_chunk < 1:
+    if FLAGS.metric == "bpd" and FLAGS.t_chunk < 1:
       problems.append(f"t_chunk={FLAGS.t_chunk}: an integer >= 1")
   else:
     from jaxdiff import evaluation
@@ -155,20 +180,41 @@ def _context(run: Any) -> dict[str, Any]:
   return {"workdir": str(FLAGS.workdir), "step": run.step, "params": FLAGS.params}
 
 
+def _latents(run: Any, split: str, n: int | None) -> Any:
+  """The scaled posterior means of a latent run's split (the cache ``latent_source`` keeps)."""
+  from jaxdiff import latent
+
+  ae = run.autoencoder
+  encode = latent.encoder(ae.graphdef, ae.params, run.config.latent.scale_factor)
+  source = latent.latent_source(run.config, encode, run.mesh, split)
+  return source.images[:n]
+
+
 def _bpd(config: Any) -> dict[str, Any]:
   import jax
 
   from jaxdiff import data, evaluation
 
   ecfg = config.eval
-  images = data.read_examples(config.data, ecfg.split, ecfg.num_examples or None)  # 0 = all
   run = _load(config)
+  n = ecfg.num_examples or None  # 0 = all
+  is_latent = run.autoencoder is not None
+  if is_latent:  # the bound over latents: a density there, in bits per latent dimension
+    examples = _latents(run, ecfg.split, n)
+  else:
+    examples = data.read_examples(config.data, ecfg.split, n)
   record = evaluation.bits_per_dim(
-    run.diffusion, run.model_fn(FLAGS.params), images, seed=FLAGS.seed,
+    run.diffusion, run.model_fn(FLAGS.params), examples, seed=FLAGS.seed,
     batch_size=ecfg.batch_size, t_chunk=FLAGS.t_chunk, clip_denoised=bool(ecfg.clip_denoised),
-    mesh=run.mesh, progress=True,
+    mesh=run.mesh, progress=True, decoder="gaussian" if is_latent else "discretized",
   )  # fmt: skip
-  record = {"metric": "bpd", **_context(run), "split": ecfg.split, **record}
+  if is_latent:
+    record["space"] = (
+      "the autoencoder's scaled latents (Gaussian decoder term): bits per latent dimension,"
+      " a differential bound, not bits/dim of images"
+    )
+  record = {"metric": "latent_bpd" if is_latent else "bpd", **_context(run), "split": ecfg.split,
+            **record}  # fmt: skip
   if (out := _out_dir()) is not None and jax.process_index() == 0:
     record["files"] = evaluation.write_bpd(out, record)
   return record
@@ -204,10 +250,22 @@ def _sample_fn(run: Any) -> Any:
   def sample_fn(key: jax.Array, n: int) -> Any:
     return sample_from_config(
       run.config, run.diffusion, model_fn, key, n, mesh=run.mesh,
-      progress=True,
+      progress=True, decode=run.decode if run.autoencoder is not None else None,
     )  # fmt: skip
 
   return sample_fn
+
+
+def _reference(config: Any, net: Any, mesh: Any) -> Any:
+  """The feature statistics of ``config.eval.split`` (cached)."""
+  from jaxdiff import evaluation
+
+  ecfg = config.eval
+  reference, _ = evaluation.reference_stats(
+    net, config.data, split=ecfg.split, cache_dir=evaluation.cache_dir(ecfg.cache_dir or None),
+    batch_size=ecfg.batch_size, mesh=mesh, progress=True,
+  )  # fmt: skip
+  return reference
 
 
 def _fd(config: Any) -> dict[str, Any]:
@@ -218,10 +276,7 @@ def _fd(config: Any) -> dict[str, Any]:
   ecfg, scfg = config.eval, config.sampling
   net = _feature_net(config)
   run = _load(config)
-  reference, _ = evaluation.reference_stats(
-    net, config.data, split=ecfg.split, cache_dir=evaluation.cache_dir(ecfg.cache_dir or None),
-    batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
-  )  # fmt: skip
+  reference = _reference(config, net, run.mesh)
   record = evaluation.sample_quality(
     _sample_fn(run), net, reference, num_samples=ecfg.num_samples, seed=FLAGS.seed,
     batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
@@ -234,6 +289,26 @@ def _fd(config: Any) -> dict[str, Any]:
   record = {"metric": FLAGS.metric, **record}
   if (out := _out_dir()) is not None and jax.process_index() == 0:
     record["files"] = evaluation.write_fid(out, record)
+  return record
+
+
+def _recon(config: Any) -> dict[str, Any]:
+  import jax
+
+  from jaxdiff import data, evaluation
+
+  ecfg = config.eval
+  images = data.read_examples(config.data, ecfg.split, ecfg.num_examples or None)  # 0 = all
+  net = _feature_net(config)
+  run = _load(config)
+  reference = _reference(config, net, run.mesh)
+  record = evaluation.reconstruction_quality(
+    lambda x: run.reconstruct(x, FLAGS.params), images, net, reference,
+    batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
+  )  # fmt: skip
+  record = {**record, **_context(run), "split": ecfg.split}
+  if (out := _out_dir()) is not None and jax.process_index() == 0:
+    record["files"] = evaluation.write_recon(out, record)
   return record
 
 
@@ -255,7 +330,8 @@ def _evaluate() -> None:
 
   config = _config()
   _show_library_logs()
-  record = _bpd(config) if FLAGS.metric == "bpd" else _fd(config)
+  evaluate = {"bpd": _bpd, "recon": _recon}.get(FLAGS.metric, _fd)
+  record = evaluate(config)
   if jax.process_index() == 0:
     print(json.dumps(evaluation.json_record(record)), flush=True)
 

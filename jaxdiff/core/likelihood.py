@@ -82,6 +82,20 @@ def discretized_gaussian_log_likelihood(
   return jnp.log(jnp.maximum(prob, 1e-12))
 
 
+def gaussian_log_likelihood(x: jax.Array, means: jax.Array, log_scales: jax.Array) -> jax.Array:
+  """log N(x; means, exp(log_scales)^2), elementwise, in nats: the decoder of continuous data
+  (a latent run's latents), a density rather than a probability, so it may be positive."""
+  z = (x - means) * jnp.exp(-log_scales)
+  return -0.5 * jnp.square(z) - log_scales - 0.5 * jnp.log(2.0 * jnp.pi)
+
+
+# The decoder p(x_0 | x_1) of the bound's L_0: 8-bit pixels, or continuous values (latents).
+DECODERS = {
+  "discretized": discretized_gaussian_log_likelihood,
+  "gaussian": gaussian_log_likelihood,
+}
+
+
 def _vb_terms(
   d: Diffusion,
   model_output: jax.Array,
@@ -89,13 +103,13 @@ def _vb_terms(
   x_t: jax.Array,
   t: jax.Array,
   clip_denoised: bool,
+  decoder: str = "discretized",
 ) -> dict[str, jax.Array]:
   true_mean, _, true_log_var = q_posterior_mean_variance(d, x0, x_t, t)
   p = p_mean_variance(d, model_output, x_t, t, clip_denoised=clip_denoised)
   kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / _LOG2
-  decoder_nll = (
-    -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / _LOG2
-  )
+  log_likelihood = DECODERS[decoder](x0, p["mean"], 0.5 * p["log_variance"])
+  decoder_nll = -mean_flat(log_likelihood) / _LOG2
   return {"output": jnp.where(t == 0, decoder_nll, kl), "pred_x0": p["pred_x0"]}
 
 
@@ -107,6 +121,7 @@ def vb_terms_bpd(
   t: jax.Array,
   *,
   clip_denoised: bool = True,
+  decoder: str = "discretized",
 ) -> jax.Array:
   """One term of the variational bound, in bits/dim (Ho et al. eq. 5).
 
@@ -120,11 +135,14 @@ def vb_terms_bpd(
     x_t: ``[B, H, W, C]`` a sample of q(x_t | x_0).
     t: ``[B]`` int indices.
     clip_denoised: clip the model's x_0 estimate to [-1, 1].
+    decoder: ``L_0``'s likelihood: "discretized" (8-bit pixels, Ho et al. eq. 13) or
+      "gaussian" (continuous data such as latents: a density, so ``L_0`` may be negative and
+      the bound is not comparable with a discrete one).
 
   Returns:
     ``[B]`` bits/dim.
   """
-  return _vb_terms(d, model_output, x0, x_t, t, clip_denoised)["output"]
+  return _vb_terms(d, model_output, x0, x_t, t, clip_denoised, decoder)["output"]
 
 
 def prior_bpd(d: Diffusion, x0: jax.Array) -> jax.Array:
@@ -141,6 +159,7 @@ def calc_bpd_loop(
   key: jax.Array,
   *,
   clip_denoised: bool = True,
+  decoder: str = "discretized",
 ) -> dict[str, jax.Array]:
   """The full variational bound: every one of the T terms plus the prior.
 
@@ -153,6 +172,7 @@ def calc_bpd_loop(
     x0: ``[B, H, W, C]`` data in [-1, 1].
     key: PRNG key.
     clip_denoised: clip the model's x_0 estimates (True in the reference evaluations).
+    decoder: ``L_0``'s likelihood (see :func:`vb_terms_bpd`).
 
   Returns:
     dict with ``total_bpd`` ``[B]``, ``prior_bpd`` ``[B]``, and ``vb``,
@@ -165,6 +185,7 @@ def calc_bpd_loop(
     jnp.arange(d.num_timesteps),
     lambda t_index: jax.random.normal(jax.random.fold_in(key, t_index), x0.shape, x0.dtype),
     clip_denoised,
+    decoder,
   )
   prior = prior_bpd(d, x0)
   return {"total_bpd": jnp.sum(terms["vb"], axis=1) + prior, "prior_bpd": prior, **terms}
@@ -177,6 +198,7 @@ def _scan_terms(
   t_indices: jax.Array,
   noise_at: Callable[[jax.Array], jax.Array],
   clip_denoised: bool,
+  decoder: str = "discretized",
 ) -> dict[str, jax.Array]:
   """One ``lax.scan`` over ``t_indices``: term t of the bound with noise ``noise_at(t)``."""
   B = x0.shape[0]
@@ -185,7 +207,8 @@ def _scan_terms(
     t = jnp.full((B,), t_index, dtype=jnp.int32)
     noise = noise_at(t_index)
     x_t = q_sample(d, x0, t, noise)
-    terms = _vb_terms(d, model_fn(x_t, model_timesteps(d, t)), x0, x_t, t, clip_denoised)
+    output = model_fn(x_t, model_timesteps(d, t))
+    terms = _vb_terms(d, output, x0, x_t, t, clip_denoised, decoder)
     eps = predict_eps_from_x0(d, x_t, t, terms["pred_x0"])
     return carry, (
       terms["output"],
@@ -205,6 +228,7 @@ def calc_bpd_terms(
   t_indices: jax.Array,
   *,
   clip_denoised: bool = True,
+  decoder: str = "discretized",
 ) -> dict[str, jax.Array]:
   """The bound's terms at the timesteps ``t_indices`` only, with per-example noise.
 
@@ -220,6 +244,7 @@ def calc_bpd_terms(
     keys: ``[B]`` PRNG keys, one per example.
     t_indices: ``[K]`` int timestep indices (one ``lax.scan`` over them).
     clip_denoised: clip the model's x_0 estimates (True in the reference evaluations).
+    decoder: ``L_0``'s likelihood (see :func:`vb_terms_bpd`).
 
   Returns:
     dict of ``vb`` (bits/dim), ``xstart_mse`` and ``mse`` (of the implied noise), each ``[B, K]``.
@@ -230,4 +255,4 @@ def calc_bpd_terms(
       lambda k: jax.random.normal(jax.random.fold_in(k, t_index), x0.shape[1:], x0.dtype)
     )(keys)
 
-  return _scan_terms(d, model_fn, x0, t_indices, noise_at, clip_denoised)
+  return _scan_terms(d, model_fn, x0, t_indices, noise_at, clip_denoised, decoder)

@@ -89,6 +89,7 @@ def training_losses(
   loss_type: str = "mse",
   min_snr_gamma: float = 0.0,
   huber_delta: float = 1.0,
+  decoder: str = "discretized",
 ) -> dict[str, jax.Array]:
   """Per-example training losses at ``t`` (Ho et al. Alg. 1; Nichol & Dhariwal Sec. 3).
 
@@ -104,6 +105,8 @@ def training_losses(
       which trains a learned variance; Nichol & Dhariwal eq. 16).
     min_snr_gamma: > 0 weights the simple loss by min-SNR-gamma.
     huber_delta: the Huber loss's quadratic-to-linear threshold.
+    decoder: the bound's ``L_0`` likelihood for ``kl`` / ``hybrid``: "discretized" (8-bit
+      pixels) or "gaussian" (continuous data, e.g. latents); see ``likelihood.vb_terms_bpd``.
 
   Returns:
     dict with ``loss`` ``[B]`` (to be importance-weighted and averaged by the
@@ -115,7 +118,9 @@ def training_losses(
   output = model_fn(x_t, model_timesteps(d, t))
   terms: dict[str, jax.Array] = {"t": t}
   if loss_type == "kl":
-    terms["vb"] = terms["loss"] = vb_terms_bpd(d, output, x0, x_t, t, clip_denoised=False) * T
+    terms["vb"] = terms["loss"] = (
+      vb_terms_bpd(d, output, x0, x_t, t, clip_denoised=False, decoder=decoder) * T
+    )
     return terms
   mean_out, var_out = split_model_output(d, output)
   simple = simple_loss(mean_out - target(d, x0, t, noise), loss_type, huber_delta)
@@ -124,6 +129,8 @@ def training_losses(
   terms["simple"] = terms["loss"] = simple
   if loss_type == "hybrid":
     frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), var_out], axis=-1)
-    terms["vb"] = vb_terms_bpd(d, frozen, x0, x_t, t, clip_denoised=False) * (T / 1000.0)
+    terms["vb"] = vb_terms_bpd(d, frozen, x0, x_t, t, clip_denoised=False, decoder=decoder) * (
+      T / 1000.0
+    )
     terms["loss"] = simple + terms["vb"]
   return terms

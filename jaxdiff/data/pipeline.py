@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 
 from jaxdiff.data.sources import make_source, read_records
-from jaxdiff.io.images import from_uint8
+from jaxdiff.io.images import model_space
 
 
 def _draw_flip(index: int, rng: np.random.Generator) -> tuple[int, bool]:
@@ -58,7 +58,7 @@ class _ReadBatch:
     image = np.stack([r["image"] for r in records])  # [b, H, W, C] uint8
     image = np.where(flips[:, None, None, None], image[:, :, ::-1], image)
     return {
-      "image": from_uint8(image),  # [b, H, W, C]
+      "image": model_space(image),  # [b, H, W, C]
       "label": np.array([r["label"] for r in records], np.int32),  # [b]
     }
 
@@ -151,6 +151,7 @@ def make_iterator(
   process_count: int | None = None,
   shuffle: bool = True,
   num_epochs: int | None = None,
+  source: Sequence[Mapping[str, Any]] | None = None,
 ) -> grain.DatasetIterator:
   """Returns this host's checkpointable iterator of batches for ``config``.
 
@@ -163,6 +164,7 @@ def make_iterator(
     process_count: defaults to ``jax.process_count()``.
     shuffle: shuffle globally by seed.
     num_epochs: None repeats forever.
+    source: read this source instead of ``config.data``'s (e.g. a latent run's cached latents).
 
   Returns:
     ``grain.DatasetIterator`` of ``{"image": float32 [b, H, W, C], "label": int32 [b]}`` with
@@ -170,7 +172,7 @@ def make_iterator(
   """
   data = config.data
   ds = make_dataset(
-    make_source(data, split=split),
+    make_source(data, split=split) if source is None else source,
     seed=config.seed if seed is None else seed,
     batch_size=config.training.batch_size if batch_size is None else batch_size,
     process_index=jax.process_index() if process_index is None else process_index,

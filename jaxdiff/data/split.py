@@ -33,12 +33,7 @@ import numpy as np
 
 from jaxdiff import parallel
 from jaxdiff.data.sources import make_source, read_records
-from jaxdiff.io.images import from_uint8
-
-
-def _model_space(images: np.ndarray) -> np.ndarray:
-  # Sources hold 8-bit pixels; an ArraySource may already hold model-space floats.
-  return from_uint8(images) if images.dtype == np.uint8 else images.astype(np.float32)
+from jaxdiff.io.images import model_space
 
 
 class _ReadStep:
@@ -60,7 +55,7 @@ class _ReadStep:
       image[mask] = np.stack([r["image"] for r in records])
       label[mask] = [r["label"] for r in records]
     return {
-      "image": image if self.pixels else _model_space(image),
+      "image": image if self.pixels else model_space(image),
       "label": label,
       "mask": mask,
       "index": index,

@@ -11,7 +11,9 @@ functions on the model it holds.
 - :mod:`~jaxdiff.evaluation.extract`: ``compute_features`` over devices and processes.
 - :mod:`~jaxdiff.evaluation.reference`: a split's statistics, cached.
 - :mod:`~jaxdiff.evaluation.bpd`: ``bits_per_dim``; :mod:`~jaxdiff.evaluation.quality`:
-  ``sample_quality``; :mod:`~jaxdiff.evaluation.report`: ``write_bpd``, ``write_fid``.
+  ``sample_quality``; :mod:`~jaxdiff.evaluation.reconstruction`: an autoencoder's
+  ``reconstruction_quality``; :mod:`~jaxdiff.evaluation.report`: ``write_bpd``, ``write_fid``,
+  ``write_recon``.
 """
 
 from jaxdiff.evaluation import classifier, inception
@@ -26,8 +28,9 @@ from jaxdiff.evaluation.features import (
   feature_net,
 )
 from jaxdiff.evaluation.quality import sample_quality
+from jaxdiff.evaluation.reconstruction import psnr, reconstruction_quality
 from jaxdiff.evaluation.reference import reference_cache_path, reference_stats
-from jaxdiff.evaluation.report import json_record, write_bpd, write_fid
+from jaxdiff.evaluation.report import json_record, write_bpd, write_fid, write_recon
 from jaxdiff.evaluation.stats import (
   FeatureAccumulator,
   FeatureStats,
@@ -59,8 +62,11 @@ __all__ = [
   "load_stats",
   "reference_cache_path",
   "reference_stats",
+  "psnr",
+  "reconstruction_quality",
   "sample_quality",
   "save_stats",
   "write_bpd",
   "write_fid",
+  "write_recon",
 ]

@@ -34,7 +34,7 @@ from jaxdiff.core.diffusion import Diffusion
 
 # Module-level jits: the model's parameters, the schedule and the data are arguments, so every
 # evaluation of the same shapes (other checkpoints, EMA or raw) reuses the compiled code.
-_chunk_terms = jax.jit(likelihood.calc_bpd_terms, static_argnames="clip_denoised")
+_chunk_terms = jax.jit(likelihood.calc_bpd_terms, static_argnames=("clip_denoised", "decoder"))
 _prior_bpd = jax.jit(likelihood.prior_bpd)
 
 
@@ -84,6 +84,7 @@ def _add_batch(
   lo: int,
   hi: int,
   done: Callable[[int], Any],
+  decoder: str = "discretized",
 ) -> None:
   """Adds the prior and every chunk of terms of the global batch ``x0`` (examples ``lo:hi``)."""
   prior = parallel.to_host(_prior_bpd(d, x0))[: hi - lo]
@@ -92,7 +93,9 @@ def _add_batch(
   k = len(chunks[0])
   for ts in chunks:
     padded = jnp.asarray(parallel.pad_to(ts, k))
-    terms = _chunk_terms(d, model_fn, x0, keys, padded, clip_denoised=clip_denoised)
+    terms = _chunk_terms(
+      d, model_fn, x0, keys, padded, clip_denoised=clip_denoised, decoder=decoder
+    )
     _add_chunk(sums, parallel.to_host(terms), ts, lo, hi)
     done(1)
 
@@ -132,6 +135,7 @@ def bits_per_dim(
   clip_denoised: bool = True,
   mesh: Mesh | None = None,
   progress: bool = False,
+  decoder: str = "discretized",
 ) -> dict[str, Any]:
   """The full variational bound of ``model_fn`` on ``images``, in bits/dim.
 
@@ -148,6 +152,9 @@ def bits_per_dim(
     mesh: defaults to ``parallel.make_mesh()``.
     progress: show a tqdm bar (on process 0) labelled ``bits/dim (N examples, T timesteps)``
       that advances per chunk of ``t_chunk`` timesteps of a batch, with the running bound.
+    decoder: "discretized" (8-bit images, the default) or "gaussian": ``images`` are then
+      continuous floats (a latent run's latents) and the result is a bound in bits per latent
+      dimension, a differential one, not comparable with image bits/dim.
 
   Returns:
     The record ``{"metric": "bpd", "bpd", "bpd_stderr", "prior_bpd", "decoder_bpd", "kl_bpd",
@@ -186,11 +193,15 @@ def bits_per_dim(
       mesh, {"image": batch["image"], "index": batch["index"].astype(np.int32)}
     )
     keys = _example_keys(jax.random.key(seed), x["index"])
-    _add_batch(sums, d, model_fn, x["image"], keys, chunks, clip_denoised, lo, hi, bar.update)
+    _add_batch(
+      sums, d, model_fn, x["image"], keys, chunks, clip_denoised, lo, hi, bar.update, decoder
+    )
     bar.set_postfix(bpd=f"{sums.total[:hi].mean():.4f}")
   bar.close()
   summary, terms = _record(sums, n)
   settings = {"num_examples": n, "seed": seed, "num_timesteps": T, "clip_denoised": clip_denoised}
+  if decoder != "discretized":
+    settings["decoder"] = decoder
   seconds = round(time.perf_counter() - start_time, 1)
   record = {"metric": "bpd", **settings, **summary, "seconds": seconds}
   return {**record, "terms": terms, "per_example_bpd": sums.total}

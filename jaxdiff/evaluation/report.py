@@ -58,7 +58,8 @@ def plot_terms(terms: dict[str, np.ndarray], record: dict[str, Any]) -> Figure:
   ax.set_xlabel("timestep index t")
   ax.set_ylabel("bits/dim")
   ax.set_title(
-    f"bound {record['bpd']:.3f} ± {record['bpd_stderr']:.3f} bits/dim "
+    f"bound {record['bpd']:.3f} ± {record['bpd_stderr']:.3f} "
+    f"{'bits/latent dim' if record.get('metric') == 'latent_bpd' else 'bits/dim'} "
     f"(prior {record['prior_bpd']:.1e}), step {record.get('step')} {record.get('params', '')}",
     fontsize=9,
   )
@@ -83,7 +84,7 @@ def write_bpd(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
     record: a ``bits_per_dim`` record with ``split``, ``step`` and ``params`` added.
   """
   out_dir = files.as_path(out_dir)
-  stem = f"bpd_{files.slug(record['split'])}_n{record['num_examples']}"
+  stem = f"{record.get('metric', 'bpd')}_{files.slug(record['split'])}_n{record['num_examples']}"
   stem += f"_step{record['step']}_{record['params']}"
   paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "png")]
   written = [str(p) for p in paths]
@@ -103,12 +104,29 @@ def write_fid(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
     record: a ``sample_quality`` record with ``sampler``, ``steps``, ``step`` and ``params``
       added, and ``metric`` ("fid" for Inception features, "fd" for others; default "fid").
   """
-  out_dir = files.as_path(out_dir)
-  stem = files.slug(
+  return _write_with_grid(
+    out_dir,
     f"{record.get('metric', 'fid')}_{record['sampler']}{record['steps']}_n{record['num_samples']}"
-    f"_step{record['step']}_{record['params']}_{record['features']}"
+    f"_step{record['step']}_{record['params']}_{record['features']}",
+    record,
   )
-  paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "png")]
+
+
+def write_recon(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
+  """Writes ``recon_{split}_n{N}_step{S}_{params}_{features}.json`` and ``.png`` (originals
+  above their reconstructions) into ``out_dir``; returns the two paths."""
+  return _write_with_grid(
+    out_dir,
+    f"recon_{record['split']}_n{record['num_examples']}_step{record['step']}_{record['params']}"
+    f"_{record['features']}",
+    record,
+  )
+
+
+def _write_with_grid(out_dir: str | os.PathLike, name: str, record: dict[str, Any]) -> list[str]:
+  """``{name}.json`` (the record, naming both files) and ``{name}.png`` (its ``preview``)."""
+  stem = files.slug(name)
+  paths = [files.as_path(out_dir) / f"{stem}.{ext}" for ext in ("json", "png")]
   written = [str(p) for p in paths]
   _write_json(paths[0], {**record, "files": written})
   images.save_png(images.make_grid(record["preview"]), paths[1])

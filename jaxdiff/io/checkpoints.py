@@ -4,7 +4,8 @@ A checkpoint is a step directory holding three items: ``state`` (the
 :class:`~jaxdiff.training.TrainState`, saved from the sharded arrays, restored
 straight into the shardings asked for), ``data`` (the input pipeline's
 JSON state), so that a resumed run sees the same batches, and ``config`` (the run's config as
-JSON: what the checkpoint was trained with; checkpoints of jaxdiff before 0.3 lack it). Saving is
+JSON: what the checkpoint was trained with; checkpoints of jaxdiff before 0.3 lack it), and for
+an autoencoder run ``stats`` (JSON: the latent scale factor measured on its parameters). Saving is
 asynchronous; orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save leaves no checkpoint that looks finished.
 
@@ -21,6 +22,7 @@ model" survives however long training goes on after it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import sys
@@ -35,7 +37,7 @@ from etils import epath
 
 from jaxdiff.io import files
 
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data", "config", "stats")
 
 
 class CheckpointError(RuntimeError):
@@ -147,21 +149,26 @@ class Checkpointer:
     data_state: dict | None = None,
     metrics: dict[str, float] | None = None,
     config: dict | None = None,
+    stats: dict | None = None,
   ) -> None:
     """Starts writing checkpoint ``step`` (returns before the write finishes).
 
     ``metrics`` (e.g. the evaluation at this step) are stored with it and rank it for
-    ``best_metric``; ``config`` (JSON-able) is stored with it as what it was trained with.
+    ``best_metric``; ``config`` (JSON-able) is stored with it as what it was trained with;
+    ``stats`` (JSON-able) as facts measured on its parameters.
     """
     if self.best_metric is not None and metrics is not None and self.best_metric not in metrics:
       metrics = None  # ranked only by what it was evaluated on
+    items = {
+      "state": ocp.args.StandardSave(state),
+      "data": ocp.args.JsonSave(data_state if data_state is not None else {}),
+      "config": ocp.args.JsonSave(config if config is not None else {}),
+    }
+    if stats is not None:
+      items["stats"] = ocp.args.JsonSave(stats)
     self._manager.save(
       step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-        config=ocp.args.JsonSave(config if config is not None else {}),
-      ),
+      args=ocp.args.Composite(**items),
       metrics=metrics if self.best_metric is not None else None,
       force=True,
     )
@@ -198,14 +205,31 @@ class Checkpointer:
   def read_config(self, step: int) -> dict | None:
     """The config stored with checkpoint ``step``; None if it has none (older jaxdiff) or it
     cannot be read."""
+    return self.read_json(step, "config")
+
+  def read_json(self, step: int, item: str) -> dict | None:
+    """The JSON item ``item`` ("config", "stats", "data") of checkpoint ``step``; None if the
+    checkpoint has none or it cannot be read."""
     try:
       with _quiet(True):
         restored = self._manager.restore(
-          step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+          step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
         )
-    except Exception:  # noqa: BLE001 - any failure means: no stored config to go by
+    except Exception:  # noqa: BLE001 - any failure means: nothing stored to go by
       return None
-    return dict(restored["config"]) if restored["config"] else None
+    return dict(restored[item]) if restored[item] else None
+
+  def digest(self, step: int) -> str:
+    """SHA-256 (hex) of checkpoint ``step``'s ``state`` files, names and bytes: what tells one
+    set of parameters from another (a retrained or replaced checkpoint gets a new digest)."""
+    root = self.directory / str(step) / "state"
+    if not root.is_dir():
+      raise CheckpointError(f"no checkpoint {step} in {self.directory}")
+    h = hashlib.sha256()
+    for path in _files_under(root):
+      h.update(str(path.relative_to(root)).encode() + b"\0")
+      h.update(path.read_bytes())
+    return h.hexdigest()
 
   def restore_newest_good(
     self, abstract_state: Any, shardings: Any = None, step: int | None = None
@@ -261,6 +285,14 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _files_under(root: epath.Path) -> list[epath.Path]:
+  """Every file below ``root``, sorted (epath refuses ``rglob`` on remote paths: walk by hand)."""
+  found = []
+  for path in sorted(root.iterdir()):
+    found.extend(_files_under(path) if path.is_dir() else [path])
+  return found
 
 
 def set_aside(directory: str | os.PathLike, steps: Sequence[int], why: str) -> list[epath.Path]:

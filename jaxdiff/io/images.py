@@ -36,6 +36,13 @@ def to_uint8(x) -> np.ndarray:
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def model_space(images: np.ndarray) -> np.ndarray:
+  """What a source holds, in model space: 8-bit pixels through :func:`from_uint8`; floats
+  (already model-space images, or a latent run's latents) as float32."""
+  images = np.asarray(images)
+  return from_uint8(images) if images.dtype == np.uint8 else images.astype(np.float32)
+
+
 def from_uint8(x) -> np.ndarray:
   """8-bit pixels to model space: exactly ``x / 127.5 - 1`` in float32 (the inverse of
   :func:`to_uint8` on the 8-bit grid).

@@ -22,11 +22,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxdiff.config import is_latent, sample_shape
 from jaxdiff.models import layers
+from jaxdiff.models.autoencoder import Autoencoder
 from jaxdiff.models.dit import DiT, dit_preset
 from jaxdiff.models.unet import RESBLOCKS, UNet
 
 __all__ = [
+  "Autoencoder",
   "DiT",
   "UNet",
   "Apply",
@@ -39,7 +42,8 @@ __all__ = [
   "param_table",
 ]
 
-MODELS = ("unet", "dit")
+MODELS = ("unet", "dit", "autoencoder")
+DENOISERS = ("unet", "dit")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 ATTENTIONS = ("standard", "linear")  # the kinds layers.SpatialAttention implements
 
@@ -51,7 +55,7 @@ def output_channels(config: ml_collections.ConfigDict) -> int:
     raise ValueError(
       f"diffusion.var_type={var_type!r} is not supported; expected one of {VAR_TYPES}."
     )
-  channels = config.data.channels
+  channels = sample_shape(config)[2]
   return 2 * channels if var_type in ("learned", "learned_range") else channels
 
 
@@ -78,6 +82,9 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
     raise ValueError(f"model.name={m.name!r} is not supported; expected one of {MODELS}.")
   if data.channels < 1:
     raise ValueError(f"data.channels={data.channels} must be >= 1.")
+  if m.name == "autoencoder":
+    return build_autoencoder(config, rngs=rngs)
+  size, _, channels = sample_shape(config)
   num_classes = 0
   if m.class_conditional:
     if data.num_classes < 1:
@@ -86,9 +93,9 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
       )
     num_classes = data.num_classes
   common = dict(
-    in_channels=data.channels,
+    in_channels=channels,
     out_channels=output_channels(config),
-    image_size=data.image_size,
+    image_size=size,
     num_heads=m.num_heads,
     num_head_channels=m.num_head_channels,
     dropout=m.dropout,
@@ -120,6 +127,35 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
   )
 
 
+def padded_size(config: ml_collections.ConfigDict) -> int:
+  """The side an autoencoder run pads its images to (``autoencoder.padded_size``, 0: none)."""
+  return config.autoencoder.padded_size or config.data.image_size
+
+
+def build_autoencoder(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Autoencoder:
+  """The :class:`Autoencoder` of an autoencoder run's config (``model.name = "autoencoder"``):
+  its widths from ``config.model``, its latent and losses from ``config.autoencoder``."""
+  m, ae = config.model, config.autoencoder
+  heads = m.num_heads if m.num_head_channels <= 0 else None
+  return Autoencoder(
+    in_channels=config.data.channels,
+    latent_channels=ae.latent_channels,
+    image_size=config.data.image_size,
+    padded_size=padded_size(config),
+    ch=m.ch,
+    ch_mult=tuple(m.ch_mult),
+    num_res_blocks=m.num_res_blocks,
+    attn_resolutions=tuple(m.attn_resolutions),
+    num_groups=m.num_groups,
+    num_heads=heads or 1,
+    dropout=m.dropout,
+    disc_ch=ae.disc_ch,
+    disc_layers=ae.disc_layers if ae.disc_weight > 0 else 0,
+    dtype=layers.compute_dtype(m.compute_dtype),
+    rngs=rngs,
+  )
+
+
 def check_config(config: ml_collections.ConfigDict) -> list[str]:
   """Every problem :func:`build_model` would meet in ``config``, one line each naming the field,
   its value and what is allowed; empty when the model builds and maps images to outputs.
@@ -128,15 +164,21 @@ def check_config(config: ml_collections.ConfigDict) -> list[str]:
   ``diffusion`` fields the model reads. When each field is sound on its own, one abstract forward
   pass (:func:`jax.eval_shape`: no compiling, no parameters allocated) catches the rest.
   """
-  m, data = config.model, config.data
+  m = config.model
   if m.name not in MODELS:
     return [f"model.name={m.name!r}: must be one of {', '.join(MODELS)}"]
+  if m.name == "autoencoder":
+    return _autoencoder_problems(config) or _forward_problems(config)
   problems = _common_problems(config)
   if m.name == "dit":
-    problems += _dit_problems(m, data.image_size)
+    problems += _dit_problems(m, _denoised_size(config))
   else:
-    problems += _unet_problems(m, data.image_size)
+    problems += _unet_problems(m, _denoised_size(config))
   return problems or _forward_problems(config)
+
+
+def _denoised_size(config: ml_collections.ConfigDict) -> int:
+  return config.latent.size if is_latent(config) else config.data.image_size
 
 
 def _is_int(x: Any, low: int) -> bool:
@@ -269,21 +311,72 @@ def _dit_problems(m: ml_collections.ConfigDict, image_size: int) -> list[str]:
 
 def _forward_problems(config: ml_collections.ConfigDict) -> list[str]:
   """One abstract forward pass of a ``[1, H, W, C]`` batch: shapes only, nothing compiled."""
-  size, channels = config.data.image_size, config.data.channels
-  what = f"{size}x{size}x{channels} images"
+  size, _, channels = shape = sample_shape(config)
+  if config.model.name == "autoencoder":
+    size, channels = config.data.image_size, config.data.channels
+    shape = (size, size, channels)
+  what = f"{size}x{size}x{channels} {'latents' if is_latent(config) else 'images'}"
   try:
     graphdef, params = nnx.split(_abstract_model(config))
-    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if config.model.class_conditional else None
-    out = jax.eval_shape(Apply(graphdef), params, x, t, y)
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    if config.model.name == "autoencoder":
+      out = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p)(x)[0], params, x)
+      expected = (1, *shape)
+    else:
+      t = jax.ShapeDtypeStruct((1,), jnp.int32)
+      y = jax.ShapeDtypeStruct((1,), jnp.int32) if config.model.class_conditional else None
+      out = jax.eval_shape(Apply(graphdef), params, x, t, y)
+      expected = (1, size, size, output_channels(config))
   except Exception as e:  # whatever the model raises is the message
     first = next(iter(str(e).splitlines()), "") or type(e).__name__
     return [f"model: cannot take {what}: {first}"]
-  expected = (1, size, size, output_channels(config))
   if tuple(out.shape) != expected:
     return [f"model: maps {what} to outputs of shape {tuple(out.shape)}, not {expected}"]
   return []
+
+
+def _autoencoder_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The fields an autoencoder run reads: ``model``'s widths and ``autoencoder``."""
+  m, ae, data, problems = config.model, config.autoencoder, config.data, []
+  if is_latent(config):
+    allowed = "must be empty for an autoencoder run (model.name='autoencoder')"
+    problems.append(
+      _problem("latent.autoencoder_workdir", config.latent.autoencoder_workdir, allowed)
+    )
+  for key in ("image_size", "channels"):
+    if not _is_int(data[key], 1):
+      problems.append(_problem(f"data.{key}", data[key], "must be an int >= 1"))
+  if not _is_int(ae.latent_channels, 1):
+    problems.append(
+      _problem("autoencoder.latent_channels", ae.latent_channels, "must be an int >= 1")
+    )
+  for key in ("kl_weight", "l2_weight", "perceptual_weight", "disc_weight"):
+    if not (_is_number(ae[key]) and ae[key] >= 0):
+      problems.append(_problem(f"autoencoder.{key}", ae[key], "must be a number >= 0"))
+  for key, low in (("disc_start", 0), ("disc_ch", 1), ("disc_layers", 1), ("scale_examples", 1)):
+    if not _is_int(ae[key], low):
+      problems.append(_problem(f"autoencoder.{key}", ae[key], f"must be an int >= {low}"))
+  if not (_is_number(m.dropout) and 0.0 <= m.dropout < 1.0):
+    problems.append(_problem("model.dropout", m.dropout, "must be a probability in [0, 1)"))
+  problems += _unet_problems(m, padded_size(config) if _is_int(data.image_size, 1) else 0)
+  if (
+    _is_int(data.image_size, 1)
+    and _is_int(ae.padded_size, 0)
+    and isinstance(m.ch_mult, tuple | list)
+  ):
+    factor = 2 ** (len(m.ch_mult) - 1)
+    side = padded_size(config)
+    if side < data.image_size or side % factor:
+      nearest = -(-data.image_size // factor) * factor
+      allowed = (
+        f"must be 0 (no padding) or a multiple of the downsampling factor {factor} that is"
+        f" >= data.image_size={data.image_size}, e.g. {nearest}"
+      )
+      problems = [p for p in problems if not p.startswith("data.image_size=")]
+      problems.append(_problem("autoencoder.padded_size", ae.padded_size, allowed))
+  elif not _is_int(ae.padded_size, 0):
+    problems.append(_problem("autoencoder.padded_size", ae.padded_size, "must be an int >= 0"))
+  return problems
 
 
 def _abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:

@@ -7,7 +7,7 @@ class-conditional model), so they sample the same way from the same config.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdiff import parallel
+from jaxdiff.config import is_latent, sample_shape
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.sampling.driver import sample_in_chunks
 from jaxdiff.sampling.registry import SAMPLERS, get_sampler
@@ -144,9 +145,13 @@ def sample_from_config(
   class_label: int | None = None,
   return_trajectory: bool = False,
   progress: bool = False,
+  decode: Callable[[jax.Array], jax.Array] | None = None,
   **overrides: Any,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """``num_samples`` images ``[N, H, W, C]`` in [-1, 1] (NumPy), drawn as ``config.sampling`` says.
+
+  In a latent run the sampler draws latents (``config.sample_shape``) and ``decode`` (e.g.
+  ``Run.decode``) turns them, and every frame of a trajectory, into images.
 
   ``overrides`` (``sampler``, ``num_steps``, ``eta``, ``temperature``, ``guidance_scale``)
   replace the config's values where not None. Chunks of ``batch_size`` (default
@@ -164,12 +169,10 @@ def sample_from_config(
   batch = min(batch_size or config.sampling.batch_size, num_samples)
   if mesh is not None:
     batch = parallel.round_up(batch, mesh.size)
-  image_shape: Sequence[int] = (
-    config.data.image_size,
-    config.data.image_size,
-    config.data.channels,
-  )
-  return sample_in_chunks(
+  image_shape: Sequence[int] = sample_shape(config)
+  if is_latent(config) and decode is None:
+    raise ValueError("a latent run's samples are latents: pass decode (e.g. Run.decode)")
+  out = sample_in_chunks(
     diffusion,
     model_fn,
     key,
@@ -182,3 +185,23 @@ def sample_from_config(
     mesh=mesh,
     **kwargs,
   )
+  if decode is None:
+    return out
+  return (
+    _decoded(out, decode, batch)
+    if not return_trajectory
+    else tuple(_decoded(x, decode, batch) for x in out)
+  )
+
+
+def _decoded(latents: np.ndarray, decode: Callable, batch: int) -> np.ndarray:
+  """``decode`` over ``latents [..., h, w, c]`` in chunks of ``batch``, back to NumPy images
+  clipped to [-1, 1] (a decoder may overshoot; images leave here as pixels do)."""
+  lead, flat = latents.shape[:-3], latents.reshape((-1, *latents.shape[-3:]))
+  n, chunks = len(flat), []
+  for start in range(0, n, batch):
+    chunk = flat[start : start + batch]
+    padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+    chunks.append(np.asarray(jax.device_get(decode(padded)))[: len(chunk)])
+  images = np.clip(np.concatenate(chunks), -1.0, 1.0)
+  return images.reshape((*lead, *images.shape[1:]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -25,17 +26,20 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
 from etils import epath
 from flax import nnx
 
-from jaxdiff import data, models, parallel
+from jaxdiff import data, latent, models, parallel
+from jaxdiff.config import is_latent, read_config
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.io import checkpoints, files, images
+from jaxdiff.io.images import from_uint8
 from jaxdiff.sampling import sample_from_config
 from jaxdiff.training import evaluator as evaluator_lib
 from jaxdiff.training import resume, validation, writers
-from jaxdiff.training.state import TrainState, abstract_state, build, create_state
+from jaxdiff.training.state import TrainState, abstract_state, build, create_state, restore
 from jaxdiff.training.step import StepFn, jit_train_step, make_train_step
 
 # Independent streams derived from config.seed; fold_in keeps them disjoint.
@@ -91,6 +95,7 @@ class _Loop:
   ckpt: checkpoints.Checkpointer
   log: writers.Writer
   evaluator: evaluator_lib.LoopEvaluator | None
+  space: _Space
   last_saved: int | None = None
   pending: tuple[int, Any] | None = None  # (step, metrics) not yet checked on the host
 
@@ -111,6 +116,42 @@ class _Loop:
     """Checks the pending step's metrics (before anything uses or saves its state)."""
     pending, self.pending = self.pending, None
     return None if pending is None else self.check(*pending)
+
+
+@dataclasses.dataclass
+class _Space:
+  """What the loop needs beyond pixels: a latent run's decoder of samples, or an autoencoder
+  run's fixed images (reconstructed for the grids, encoded for the scale it stores)."""
+
+  decode: Any = None  # latent run: scaled latents -> images
+  images: np.ndarray | None = None  # autoencoder run: uint8 [N, H, W, C] training images
+
+  def stats(self, loop: _Loop, state: TrainState) -> dict | None:
+    """An autoencoder checkpoint's ``stats``: the latent scale of its EMA parameters."""
+    if self.images is None:
+      return None
+    coder = models.autoencoder.Coder(loop.graphdef)
+    encode = jax.jit(lambda x: coder.encode(state.ema_params, x))
+    return latent.measure_scale(encode, self.images)
+
+
+def _space(config: ml_collections.ConfigDict, mesh: Any) -> tuple[_Space, Any]:
+  """The loop's :class:`_Space` and, for a latent run, the source of cached latents it trains
+  on (encoded now if this autoencoder checkpoint has no cache yet); None: the data's images."""
+  if config.model.name == "autoencoder":
+    n = config.autoencoder.scale_examples
+    return _Space(images=data.read_examples(config.data, config.data.split, n)), None
+  if not is_latent(config):
+    return _Space(), None
+  ae_config = read_config(config.latent.autoencoder_workdir)
+  directory = files.as_path(config.latent.autoencoder_workdir) / "checkpoints"
+  _, ae_state, _ = restore(ae_config, directory, mesh, config.latent.autoencoder_step)
+  ae_graphdef = build(ae_config)[0]
+  scale = config.latent.scale_factor
+  encode = latent.encoder(ae_graphdef, ae_state.ema_params, scale)
+  coder = models.autoencoder.Coder(ae_graphdef)
+  decode = jax.jit(functools.partial(lambda p, z: coder.decode(p, z / scale), ae_state.ema_params))
+  return _Space(decode=decode), latent.latent_source(config, encode, mesh)
 
 
 @dataclasses.dataclass
@@ -203,6 +244,7 @@ def _setup(
   tcfg, is_main = config.training, jax.process_index() == 0
   mesh = parallel.make_mesh()
   validation.validate(config, mesh.size)
+  config = latent.resolve(config)  # a latent run's latent fields, from its autoencoder
   files.check_writable(workdir, "--workdir")
   writers.require_extras(config)  # a missing optional package fails here, early
   graphdef, _, optimizer, diffusion = build(config)
@@ -215,7 +257,10 @@ def _setup(
   if is_main:
     data.prepare(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
   parallel.sync("prepared")
-  iterator = data.make_iterator(config, split=config.data.split, batch_size=tcfg.batch_size)
+  space, source = _space(config, mesh)
+  iterator = data.make_iterator(
+    config, split=config.data.split, batch_size=tcfg.batch_size, source=source
+  )
   if start.data_state:
     iterator.set_state(start.data_state)
   if is_main:
@@ -242,6 +287,7 @@ def _setup(
       if config.eval.every > 0
       else None
     ),
+    space=space,
     last_saved=start.step if start.state is not None else None,
   )
   loop.log.truncate_after(start.step)  # from 0: what a run killed before saving logged
@@ -251,15 +297,30 @@ def _setup(
 
 
 def _sample_grid(loop: _Loop, state: TrainState, step: int) -> None:
-  """``samples/step_XXXXXXX.png``: a grid of EMA samples drawn as ``config.sampling`` says."""
+  """``samples/step_XXXXXXX.png``: a grid of EMA samples drawn as ``config.sampling`` says (an
+  autoencoder run: training images and their reconstructions, in alternate rows)."""
   n = parallel.round_up(loop.config.sampling.num_samples, loop.mesh.size)
-  model_fn = models.bind(loop.graphdef, state.ema_params)
-  key = jax.random.fold_in(stream(loop.config.seed, SAMPLE), step)
-  samples = sample_from_config(loop.config, loop.diffusion, model_fn, key, n, mesh=loop.mesh)
+  if loop.space.images is not None:
+    samples = _reconstructions(loop, state, n)
+  else:
+    model_fn = models.bind(loop.graphdef, state.ema_params)
+    key = jax.random.fold_in(stream(loop.config.seed, SAMPLE), step)
+    samples = sample_from_config(
+      loop.config, loop.diffusion, model_fn, key, n, mesh=loop.mesh, decode=loop.space.decode
+    )
   if jax.process_index() == 0:
     grid = images.make_grid(images.to_uint8(samples))
     images.save_png(grid, loop.workdir / "samples" / f"step_{step:07d}.png")
     loop.log.write_images(step, {"samples": grid})
+
+
+def _reconstructions(loop: _Loop, state: TrainState, n: int) -> np.ndarray:
+  """The first ``n / 2`` fixed images, each row of 8 followed by its reconstructions."""
+  images = from_uint8(loop.space.images[: max(n // 2, 1)])
+  coder, params = models.autoencoder.Coder(loop.graphdef), state.ema_params
+  recon = np.clip(np.asarray(coder.decode(params, coder.encode(params, images))), -1, 1)
+  rows = [part for i in range(0, len(images), 8) for part in (images[i : i + 8], recon[i : i + 8])]
+  return np.concatenate(rows)
 
 
 def _after_step(loop: _Loop, state: TrainState, step: int, throughput: _Throughput) -> dict | None:
@@ -336,13 +397,12 @@ def train(
   if setup is None:
     return {}
   loop, state = setup
+  config = loop.config  # resolved: a latent run's latent fields filled in
   tcfg, is_main = config.training, jax.process_index() == 0
   start = int(jax.device_get(state.step))
   train_key, throughput, last_record = stream(config.seed, TRAIN), _Throughput(tcfg.batch_size), {}
   stored_config = resume.as_json(config)
-  bar = tqdm.tqdm(
-    total=tcfg.num_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True
-  )
+  bar = tqdm.tqdm(total=tcfg.num_steps, initial=start, disable=not is_main, unit="step")
   step, stop_signal, outcome = start, 0, "failed"
   try:
     with _StopRequested() as stop:
@@ -350,8 +410,7 @@ def train(
         batch = parallel.global_batch(loop.mesh, next(loop.iterator))
         state, metrics = loop.step_fn(state, batch, train_key)
         loop.flush()  # the previous step's, while this one runs: no pipeline stall
-        loop.pending = (step, metrics)
-        throughput.steps += 1
+        loop.pending, throughput.steps = (step, metrics), throughput.steps + 1
         bar.update(1)
         if record := _after_step(loop, state, step, throughput):
           last_record = record
@@ -362,7 +421,12 @@ def train(
         if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stop_signal or evaluation:
           loop.flush()
           loop.ckpt.save(
-            step, state, loop.iterator.get_state(), metrics=evaluation, config=stored_config
+            step,
+            state,
+            loop.iterator.get_state(),
+            metrics=evaluation,
+            config=stored_config,
+            stats=loop.space.stats(loop, state),
           )
           loop.last_saved = step
         if stop_signal:

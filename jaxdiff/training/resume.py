@@ -39,9 +39,18 @@ FIXED = (
   "data.num_workers",  # grain's saved position is per worker
   "training.batch_size",
   "training.optimizer",
+  "autoencoder.",  # an autoencoder run's architecture and objective
+  # A latent run's latents: which autoencoder checkpoint (by content, wherever it lies now), how
+  # its latents are taken and scaled.
+  "latent.autoencoder_step",
+  "latent.digest",
+  "latent.sample",
+  "latent.size",
+  "latent.channels",
+  "latent.scale_factor",
 )
 # Exceptions to FIXED prefixes: knobs that change memory or speed, not the result.
-FREE = ("model.remat",)
+FREE = ("model.remat", "autoencoder.scale_examples")
 
 HISTORY = "history.jsonl"
 

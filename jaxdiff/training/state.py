@@ -17,9 +17,10 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxdiff import models
+from jaxdiff import models, parallel
 from jaxdiff.core import diffusion as diffusion_lib
 from jaxdiff.core import timesteps
+from jaxdiff.io import checkpoints, files
 
 
 @flax.struct.dataclass
@@ -120,3 +121,32 @@ def create_state(
 ) -> TrainState:
   """:func:`init_state` compiled to write each array straight into its sharding."""
   return jax.jit(lambda k: init_state(config, optimizer, k), out_shardings=shardings)(key)
+
+
+def restore(
+  config: ml_collections.ConfigDict,
+  directory: Any,
+  mesh: Any,
+  step: int | None = None,
+) -> tuple[int, TrainState, dict]:
+  """A run's train state from checkpoint ``step`` of ``directory`` (default: the newest that
+  restores), replicated over ``mesh``, and the checkpoint's ``stats``; reads, never writes.
+
+  Raises:
+    FileNotFoundError: no checkpoint directory.
+    jaxdiff.io.checkpoints.CheckpointError: no such step, or none restores.
+  """
+  directory = files.as_path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (jaxdiff train)")
+  _, _, optimizer, _ = build(config)
+  abstract = abstract_state(config, optimizer)
+  reader = checkpoints.Checkpointer(directory, read_only=True)
+  try:
+    step, state, _, _ = reader.restore_newest_good(
+      abstract, parallel.state_sharding(mesh, abstract), step
+    )
+    stats = reader.read_json(step, "stats") or {}
+  finally:
+    reader.close()
+  return step, state, stats

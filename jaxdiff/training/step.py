@@ -19,8 +19,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdiff import models, parallel
+from jaxdiff.config import is_latent
 from jaxdiff.core import diffusion as diffusion_lib
 from jaxdiff.core import losses, timesteps
+from jaxdiff.training import autoencoder
 from jaxdiff.training.state import TrainState, ema_decay, learning_rate_schedule
 
 StepFn = Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]
@@ -33,6 +35,8 @@ def make_loss_fn(
   dcfg = config.diffusion
   conditional = bool(config.model.class_conditional)
   apply = models.Apply(graphdef)
+  # Latents are continuous: the bound's L_0 is a density there, not 8-bit bins.
+  decoder = "gaussian" if is_latent(config) else "discretized"
 
   def loss_fn(params, images, labels, t, noise, weights, key):
     y = labels if conditional else None
@@ -44,6 +48,7 @@ def make_loss_fn(
       noise,
       loss_type=dcfg.loss_type,
       min_snr_gamma=dcfg.min_snr_gamma,
+      decoder=decoder,
     )
     return jnp.mean(terms["loss"] * weights), terms
 
@@ -78,6 +83,30 @@ def _accumulated(grad_fn: Callable, accum: int) -> Callable:
   return accumulated
 
 
+def _diffusion_inputs(config, diffusion, graphdef) -> tuple[Callable, Callable]:
+  """The diffusion loss and its inputs: t and the noise drawn for the global batch."""
+  loss_fn = make_loss_fn(config, graphdef, diffusion)
+
+  def inputs(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
+    key_t, key_noise, key_model = jax.random.split(key, 3)
+    images = batch["image"]
+    draw = timesteps.draw(key_t, key_noise, images, diffusion.num_timesteps, state.loss_history)
+    return (images, batch.get("label"), draw.t, draw.noise, draw.weights), key_model
+
+  return loss_fn, inputs
+
+
+def _autoencoder_inputs(config, graphdef) -> tuple[Callable, Callable]:
+  """The autoencoder's loss and its inputs: the images and whether the adversary is on."""
+  loss_fn = autoencoder.make_loss_fn(config, graphdef, autoencoder.perceptual_net(config))
+
+  def inputs(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
+    images = batch["image"]
+    return (images, autoencoder.disc_on(config, state.step, images.shape[0])), key
+
+  return loss_fn, inputs
+
+
 def make_train_step(
   config: ml_collections.ConfigDict,
   graphdef: nnx.GraphDef,
@@ -88,26 +117,29 @@ def make_train_step(
 
   ``batch`` holds the global batch: ``image`` ``[B, H, W, C]`` in [-1, 1] and ``label``
   ``[B]``. With ``training.grad_accum_steps = k`` the batch is split into k micro-batches
-  whose gradients are averaged before one optimizer update.
+  whose gradients are averaged before one optimizer update. An autoencoder run
+  (``model.name = "autoencoder"``) takes the same step with its own loss
+  (:mod:`jaxdiff.training.autoencoder`).
   """
   tcfg = config.training
   accum = int(tcfg.grad_accum_steps)
   lr_fn = learning_rate_schedule(tcfg)
-  grad_fn = _accumulated(
-    jax.value_and_grad(make_loss_fn(config, graphdef, diffusion), has_aux=True), accum
-  )
+  if config.model.name == "autoencoder":
+    loss_fn, inputs_fn = _autoencoder_inputs(config, graphdef)
+    logged = autoencoder.TERMS
+  else:
+    loss_fn, inputs_fn = _diffusion_inputs(config, diffusion, graphdef)
+    logged = ("simple", "vb")
+  grad_fn = _accumulated(jax.value_and_grad(loss_fn, has_aux=True), accum)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
-    key_t, key_noise, key_model = jax.random.split(jax.random.fold_in(key, state.step), 3)
-    images, labels = batch["image"], batch.get("label")
-    if images.shape[0] % accum:
+    if batch["image"].shape[0] % accum:
       raise ValueError(
-        f"batch of {images.shape[0]} does not split into grad_accum_steps={accum} micro-batches"
+        f"batch of {batch['image'].shape[0]} does not split into grad_accum_steps={accum}"
+        " micro-batches"
       )
-    draw = timesteps.draw(key_t, key_noise, images, diffusion.num_timesteps, state.loss_history)
-    (loss, terms), grads = grad_fn(
-      state.params, images, labels, draw.t, draw.noise, draw.weights, key_model
-    )
+    inputs, key_model = inputs_fn(state, batch, jax.random.fold_in(key, state.step))
+    (loss, terms), grads = grad_fn(state.params, *inputs, key_model)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(tcfg, state.step)
@@ -121,7 +153,7 @@ def make_train_step(
       "param_norm": optax.tree.norm(params),
       "lr": lr_fn(state.step),
       "ema_decay": decay,
-      **{name: jnp.mean(terms[name]) for name in ("simple", "vb") if name in terms},
+      **{name: jnp.mean(terms[name]) for name in logged if name in terms},
     }
     new_state = state.replace(
       step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, loss_history=history

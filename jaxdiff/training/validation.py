@@ -24,12 +24,12 @@ import ml_collections
 import numpy as np
 
 from jaxdiff import config as config_lib
-from jaxdiff import models
+from jaxdiff import latent, models
 from jaxdiff.core import diffusion, losses
 from jaxdiff.data import preparation
 from jaxdiff.io import files
 from jaxdiff.sampling import check_sampling
-from jaxdiff.training import evaluator
+from jaxdiff.training import autoencoder, evaluator
 
 # What jaxdiff.training.state's make_optimizer / learning_rate_schedule implement.
 OPTIMIZERS = ("adam", "adamw")
@@ -80,6 +80,12 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       preparation.tfds_builder(name, config.data.data_dir)
     except ValueError as e:
       lines.append(str(e))
+  if config_lib.is_latent(config):
+    latent_lines = latent.problems(config)
+    if latent_lines:  # without its autoencoder the model's shapes are unknown
+      return _one_per_field(lines + latent_lines)
+    config = latent.resolve(config)
+  lines += autoencoder.problems(config)
   lines += models.check_config(config)
   lines += diffusion.check_config(config.diffusion)
   lines += _loss_problems(config.diffusion)
