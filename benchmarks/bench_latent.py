@@ -1,11 +1,13 @@
 """Time per train step of the pixel model, the autoencoder and the latent models.
 
-  python benchmarks/bench_latent.py [--rounds 3] [--steps 10]
+  python benchmarks/bench_latent.py [--rounds 3] [--steps 10] [--models NAME ...]
 
 Each of ``configs/fashion_mnist.py`` (pixel U-Net), ``fashion_mnist_autoencoder.py``,
-``fashion_mnist_latent.py`` (U-Net on 8x8x4 latents) and ``fashion_mnist_latent_dit.py`` runs its
-jitted train step on a fixed random batch of its own shape, at its config's batch size, in its
-own process on all CPU cores; the four alternate for ``--rounds`` rounds, each process
+``fashion_mnist_latent.py`` (U-Net on 8x8x4 latents), ``fashion_mnist_latent_dit.py`` and
+``fashion_mnist_text.py`` (the latent U-Net with cross-attention to 16 MiniLM tokens; random
+tokens, the encoder's cost is paid once per caption, not per step) runs its jitted train step on
+a fixed random batch of its own shape, at its config's batch size, in its own process on all
+CPU cores; they alternate for ``--rounds`` rounds, each process
 compiling and warming up before timing ``--steps`` steps. Data loading is excluded (the latent
 runs read a cache; the pixel run decodes PNG-free arrays either way). It prints the median time
 per step of each and its ratio to the pixel model's: what the README's equal-budget comparison
@@ -30,6 +32,7 @@ CONFIGS = {
   "autoencoder": "fashion_mnist_autoencoder.py",
   "latent U-Net": "fashion_mnist_latent.py",
   "latent DiT": "fashion_mnist_latent_dit.py",
+  "latent text U-Net": "fashion_mnist_text.py",
 }
 
 
@@ -50,6 +53,9 @@ def worker(name: str, steps: int) -> dict:
       config.latent.size = ae.autoencoder.padded_size // 2 ** (len(ae.model.ch_mult) - 1)
       config.latent.channels = ae.autoencoder.latent_channels
       config.latent.scale_factor = 1.0
+  if config_lib.is_text(config):  # MiniLM's width, without loading it
+    with config.unlocked():
+      config.text.width = 384
   mesh = parallel.make_mesh()
   graphdef, abstract_params, optimizer, diffusion = training.build(config)
   shardings = parallel.state_sharding(mesh, training.abstract_state(config, optimizer))
@@ -63,13 +69,16 @@ def worker(name: str, steps: int) -> dict:
     shape = (d.image_size, d.image_size, d.channels)
   b = config.training.batch_size
   rng = np.random.default_rng(0)
-  batch = parallel.global_batch(
-    mesh,
-    {
-      "image": rng.standard_normal((b, *shape)).astype(np.float32),
-      "label": np.zeros((b,), np.int32),
-    },
-  )
+  host = {
+    "image": rng.standard_normal((b, *shape)).astype(np.float32),
+    "label": np.zeros((b,), np.int32),
+  }
+  if config_lib.is_text(config):  # captions of 3..16 tokens
+    length, width = config.text.max_length, config.text.width
+    mask = np.arange(length)[None] < rng.integers(3, length + 1, (b, 1))
+    host["tokens"] = rng.standard_normal((b, length, width)).astype(np.float32) * mask[..., None]
+    host.update(mask=mask, pooled=rng.standard_normal((b, width)).astype(np.float32))
+  batch = parallel.global_batch(mesh, host)
   key = jax.random.key(1)
   box = [state]
 
@@ -91,16 +100,19 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                 help="which models (the pixel U-Net, the reference, always runs)")  # fmt: skip
   p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
     print(json.dumps(worker(args.worker, args.steps)))
     return
   me = str(Path(__file__).resolve())
-  times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+  names = ["pixel U-Net", *(n for n in args.models if n != "pixel U-Net")]
+  times: dict[str, list[float]] = {name: [] for name in names}
   info = {}
   for r in range(args.rounds):
-    for name in CONFIGS:
+    for name in names:
       out = baseline.run_worker([sys.executable, me, "--worker", name, "--steps", str(args.steps)])
       times[name].append(out["seconds"])
       info[name] = out

@@ -49,6 +49,7 @@ _SUBPACKAGES = (
   "latent",
   "models",
   "parallel",
+  "prompts",
   "run",
   "sampling",
   "text",

@@ -110,6 +110,19 @@ def get_config() -> ml_collections.ConfigDict:
   latent.scale_factor = ml_collections.config_dict.placeholder(float)
   latent.digest = ""  # of the autoencoder checkpoint the run trains on
 
+  # ---------------------------------------------------------------- text
+  # Text-to-image: every training image gets a caption (made from its label and measured
+  # attributes for mnist / fashion_mnist; captions.jsonl or a .txt beside each image of an
+  # image folder), encoded once by a frozen text encoder; the denoiser attends to its tokens.
+  config.text = text = ml_collections.ConfigDict()
+  text.encoder = ""  # "" = no text; "minilm" = all-MiniLM-L6-v2 (frozen; jaxdiff[text])
+  text.encoder_path = ""  # another BERT's folder (model.safetensors, tokenizer.json); "" = MiniLM
+  text.max_length = 16  # tokens per caption, [CLS] and [SEP] included
+  text.caption_dropout = 0.1  # captions replaced by the empty prompt (classifier-free guidance)
+  text.cache_dir = ""  # encoded caption tables; "" = $JAXDIFF_CACHE/text or ~/.cache/jaxdiff/text
+  # Filled in from the encoder when the run starts (and stored in config.json):
+  text.width = ml_collections.config_dict.placeholder(int)
+
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # see jaxdiff.core.schedules.SCHEDULES
@@ -207,6 +220,12 @@ def is_latent(config: ml_collections.ConfigDict) -> bool:
   """Whether the run diffuses in an autoencoder's latent space (``latent.autoencoder_workdir``)."""
   latent = config.get("latent")
   return bool(latent is not None and latent.get("autoencoder_workdir"))
+
+
+def is_text(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run is conditioned on captions through a text encoder (``text.encoder``)."""
+  text = config.get("text")
+  return bool(text is not None and text.get("encoder"))
 
 
 def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

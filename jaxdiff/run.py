@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -26,8 +27,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxdiff import models, parallel
-from jaxdiff.config import is_latent, read_config
+from jaxdiff import models, parallel, prompts
+from jaxdiff.config import is_latent, is_text, read_config
 from jaxdiff.core import diffusion as diffusion_lib
 from jaxdiff.io import checkpoints, files, images
 from jaxdiff.models import autoencoder as autoencoder_lib
@@ -134,9 +135,16 @@ class Run:
     params: str = "ema",
     progress: bool = False,
     return_trajectory: bool = False,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | None = None,
     **overrides: Any,
   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``num_samples`` uint8 images ``[N, H, W, C]``, drawn as the run's ``config.sampling`` says.
+
+    A text run draws ``num_samples`` images of each ``prompt`` (a string, or a list: prompt-major,
+    so a grid ``num_samples`` wide has one row per prompt), guided against ``negative_prompt``
+    (default: the empty prompt) with ``guidance_scale``; without a prompt, unconditional samples
+    (the empty prompt).
 
     ``overrides``: ``sampler``, ``steps`` (or ``num_steps``), ``eta``, ``temperature``,
     ``guidance_scale``; None keeps the config's value. Writes nothing. With
@@ -146,12 +154,25 @@ class Run:
       raise ValueError(f"{self.workdir} is an autoencoder run: it encodes and decodes, not samples")
     if "steps" in overrides:
       overrides["num_steps"] = overrides.pop("steps")
+    conditioning = None
+    if is_text(self.config):
+      texts = prompts.check_prompts("" if prompt is None else prompt)
+      conditioning = prompts.conditioning(
+        self.config, texts, negative_prompt, per_prompt=num_samples, label=class_label
+      )
+      num_samples, class_label = num_samples * len(texts), None
+    elif prompt is not None or negative_prompt is not None:
+      raise ValueError(
+        f"prompt / negative_prompt: {self.workdir} is not a text-conditioned run"
+        " (its config.text.encoder is empty)"
+      )
     out = sample_from_config(
       self.config,
       self.diffusion,
       self.model_fn(params),
       jax.random.key(seed),
       num_samples,
+      conditioning=conditioning,
       mesh=self.mesh,
       batch_size=batch_size,
       class_label=class_label,

@@ -151,7 +151,7 @@ def default_model_dir() -> Path:
   return dest if (dest / WEIGHTS_FILE).is_file() else _extract(zip_path, dest)
 
 
-def _check_folder(folder: Path) -> None:
+def check_folder(folder: Path) -> None:
   """Raises ImportError naming every missing library, else FileNotFoundError naming every
   missing file: one error, whatever is missing, saying how to get it."""
   if modules := _missing_modules():
@@ -165,7 +165,7 @@ def _check_folder(folder: Path) -> None:
     )
 
 
-def _bert_sizes(folder: Path) -> dict[str, Any]:
+def bert_sizes(folder: Path) -> dict[str, Any]:
   """The :class:`~jaxdiff.models.bert.Bert` arguments from ``config.json``; MiniLM-L6's if absent.
 
   Raises:
@@ -275,11 +275,11 @@ class TextEncoder:
     """
     check_max_length(max_length)
     folder = default_model_dir() if path is None else Path(path).expanduser()
-    _check_folder(folder)
+    check_folder(folder)
     import safetensors.numpy
     import tokenizers
 
-    sizes = _bert_sizes(folder)
+    sizes = bert_sizes(folder)
     # Shapes only: load_state_dict overwrites every parameter, so random ones would be waste.
     model = nnx.eval_shape(lambda: bert.Bert(**sizes, rngs=nnx.Rngs(0)))
     bert.load_state_dict(model, safetensors.numpy.load_file(str(folder / WEIGHTS_FILE)))

@@ -156,6 +156,7 @@ def test_a_broken_image_is_named_before_training(image_dir, tmp_path):
   assert not workdir.exists()  # refused before anything was written
 
 
+@pytest.mark.slow  # a whole run resumed or sampled again
 def test_a_changed_safe_field_resumes_and_is_recorded(good_run, image_dir, tmp_path):
   run = _copy(good_run, tmp_path)
   config = _good_config(image_dir, training__num_steps=3, sampling__num_steps=4)
@@ -199,6 +200,7 @@ def test_train_refuses_a_workdir_inside_a_file(image_dir, tmp_path):
 # --------------------------------------------------------------------- broken checkpoints
 
 
+@pytest.mark.slow  # a whole run resumed or sampled again
 def test_a_truncated_newest_checkpoint_falls_back_for_reading(good_run, tmp_path):
   run = _copy(good_run, tmp_path)
   _truncate_newest_checkpoint(run)
@@ -211,6 +213,7 @@ def test_a_truncated_newest_checkpoint_falls_back_for_reading(good_run, tmp_path
   assert files_of(run) == before  # reading changes nothing, not even the bad checkpoint
 
 
+@pytest.mark.slow  # a whole run resumed or sampled again
 def test_sample_cli_warns_and_uses_the_previous_checkpoint(good_run, tmp_path):
   run = _copy(good_run, tmp_path)
   _truncate_newest_checkpoint(run)

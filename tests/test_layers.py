@@ -19,12 +19,13 @@ ALLOWED = {
   "data": {"parallel", "io"},
   "latent": {"config", "models", "parallel", "data", "io"},
   "text": {"models"},  # the pretrained text encoder: finds, reads and tokenizes
+  "prompts": {"config", "text", "data", "io"},  # a text run's captions and prompts, encoded
   "evaluation": {"core", "models", "parallel", "sampling", "data", "io"},
   "training": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"}
-  | {"latent"},
-  "run": {"config", "core", "models", "parallel", "sampling", "io", "training"},
+  | {"latent", "prompts"},
+  "run": {"config", "core", "models", "parallel", "sampling", "io", "training", "prompts"},
   "cli": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"}
-  | {"latent", "training", "run"},
+  | {"latent", "training", "run", "prompts"},
   "__main__": {"cli"},  # python -m jaxdiff
 }
 # core is the maths: no third-party package but these.

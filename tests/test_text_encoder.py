@@ -237,11 +237,9 @@ def _tiny_tokenizer():
   return tok
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-  """A folder in the Hugging Face layout holding a SMALL random BERT: no package needed."""
+def write_tiny_bert(folder):
+  """Writes a SMALL random BERT in the Hugging Face layout into ``folder``; its state dict."""
   st = pytest.importorskip("safetensors.numpy")
-  folder = tmp_path_factory.mktemp("tiny_bert")
   sd = _random_state_dict(3)
   st.save_file(sd, folder / "model.safetensors")
   _tiny_tokenizer().save(str(folder / "tokenizer.json"))
@@ -256,7 +254,14 @@ def tiny_folder(tmp_path_factory):
     max_position_embeddings=SMALL["max_positions"],
   )
   (folder / "config.json").write_text(json.dumps(config))
-  return folder, sd
+  return sd
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+  """A folder in the Hugging Face layout holding a SMALL random BERT: no package needed."""
+  folder = tmp_path_factory.mktemp("tiny_bert")
+  return folder, write_tiny_bert(folder)
 
 
 def test_load_from_a_folder(tiny_folder):

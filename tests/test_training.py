@@ -237,6 +237,7 @@ def _loop_config(image_dir, **overrides):
   return tiny_config(image_dir, model__class_conditional=True, training__ema_decay=0.5, **overrides)
 
 
+@pytest.mark.slow  # a whole run poisoned mid-way
 def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch):
   def poison(batch):
     batch["image"] = np.full_like(batch["image"], np.nan)

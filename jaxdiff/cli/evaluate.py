@@ -213,6 +213,7 @@ def _bpd(config: Any) -> dict[str, Any]:
       "the autoencoder's scaled latents (Gaussian decoder term): bits per latent dimension,"
       " a differential bound, not bits/dim of images"
     )
+  record.pop("metric", None)  # the evaluator's name; a latent run's bound is named apart
   record = {"metric": "latent_bpd" if is_latent else "bpd", **_context(run), "split": ecfg.split,
             **record}  # fmt: skip
   if (out := _out_dir()) is not None and jax.process_index() == 0:
@@ -243,14 +244,19 @@ def _sample_fn(run: Any) -> Any:
   """``(key, n) -> float samples [n, H, W, C]``, drawn as the run's ``config.sampling`` says."""
   import jax
 
+  from jaxdiff import prompts
+  from jaxdiff.config import is_text
   from jaxdiff.sampling import sample_from_config
 
   model_fn = run.model_fn(FLAGS.params)
+  # A text run draws from the training split's own captions, in order, as the data is drawn.
+  table = prompts.caption_table(run.config) if is_text(run.config) else None
 
   def sample_fn(key: jax.Array, n: int) -> Any:
     return sample_from_config(
       run.config, run.diffusion, model_fn, key, n, mesh=run.mesh,
       progress=True, decode=run.decode if run.autoencoder is not None else None,
+      conditioning=None if table is None else table.first(n),
     )  # fmt: skip
 
   return sample_fn

@@ -39,6 +39,18 @@ flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to load (default: the 
 flags.DEFINE_bool("best", False, "Load the checkpoint kept as the best by eval.best_metric.")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "The EMA or the optimiser's parameters.")
 flags.DEFINE_bool("gif", False, "Also write trajectory.gif.")
+flags.DEFINE_multi_string(
+  "prompt",
+  None,
+  "Text runs: draw --num_samples images of this prompt; repeat the flag for one"
+  " grid row per prompt (default: the empty prompt, unconditional samples).",
+)
+flags.DEFINE_string(
+  "negative_prompt",
+  None,
+  "Text runs: guide away from this prompt (it takes the empty"
+  " prompt's place in classifier-free guidance; needs --guidance_scale != 1).",
+)
 flags.mark_flags_as_required(["workdir", "out"])
 overrides.define(["sampling"])
 cli.define_common_flags()
@@ -62,13 +74,23 @@ def _config():
   from absl import app
 
   from jaxdiff import run as run_lib
+  from jaxdiff.config import is_text
   from jaxdiff.sampling import check_sampling
 
   overrides.check_checkpoint_choice()
   overrides.check_out_dir(FLAGS.out)
   values = overrides.collect(["sampling"], SHORTHANDS)
   config = overrides.apply(run_lib.read_config(FLAGS.workdir), values)
-  if problems := check_sampling(config, FLAGS.class_label):
+  problems = check_sampling(config, FLAGS.class_label)
+  if not is_text(config):
+    problems += [
+      f"--{name}: {FLAGS.workdir} is not a text-conditioned run (config.text.encoder is empty)"
+      for name in ("prompt", "negative_prompt")
+      if FLAGS[name].value is not None
+    ]
+  elif any(not p.strip() for p in FLAGS.prompt or ["x"]):
+    problems.append(f"--prompt={FLAGS.prompt}: an empty prompt; omit --prompt for unconditional")
+  if problems:
     raise app.UsageError("; ".join(problems))
   return config
 
@@ -78,6 +100,7 @@ def _sample() -> None:
 
   import jax
 
+  from jaxdiff.config import is_text
   from jaxdiff.io import images
   from jaxdiff.run import load_run
   from jaxdiff.sampling import class_labels
@@ -86,14 +109,21 @@ def _sample() -> None:
   run = load_run(FLAGS.workdir, FLAGS.checkpoint_step, best=FLAGS.best)
   run = dataclasses.replace(run, config=config)
   n = config.sampling.num_samples
+  text = {"prompt": FLAGS.prompt, "negative_prompt": FLAGS.negative_prompt}
   out = run.sample(
     n, seed=FLAGS.seed, class_label=FLAGS.class_label, params=FLAGS.params,
-    progress=True, return_trajectory=FLAGS.gif,
+    progress=True, return_trajectory=FLAGS.gif, **({} if not is_text(config) else text),
   )  # fmt: skip
   pixels, trajectory = out if FLAGS.gif else (out, None)
   if jax.process_index() == 0:
-    labels = class_labels(config, n, FLAGS.class_label)
-    written = images.save_samples(FLAGS.out, pixels, labels, trajectory)
+    labels, per_image, ncols = class_labels(config, n, FLAGS.class_label), None, None
+    if is_text(config):  # one row of n per prompt
+      labels, ncols = None, n if FLAGS.prompt else None
+      per_image = [p for p in FLAGS.prompt or [""] for _ in range(n)]
+      n = len(per_image)
+    written = images.save_samples(
+      FLAGS.out, pixels, labels, trajectory, prompts=per_image, ncols=ncols
+    )
     names = ", ".join(f.name for f in written)
     print(f"wrote {names} ({n} samples, step {run.step}) to {FLAGS.out}")
 

@@ -46,21 +46,38 @@ def _no_flip(index: int) -> tuple[int, bool]:
   return index, False
 
 
+class _DrawDrop:
+  """(index, flip) -> (index, flip, drop): drop the caption with probability ``rate``."""
+
+  def __init__(self, rate: float):
+    self.rate = rate
+
+  def __call__(self, item: tuple[int, bool], rng: np.random.Generator) -> tuple[int, bool, bool]:
+    return (*item, bool(rng.random() < self.rate))
+
+
 class _ReadBatch:
-  """(record indices [b], flips [b]) -> model batch: one batched read, flip, scale to [-1, 1]."""
+  """(record indices [b], flips [b], caption drops [b]) -> model batch: one batched read, flip,
+  scale to [-1, 1]; with a caption table, each example's caption row (row 0, the empty prompt,
+  where dropped)."""
 
-  def __init__(self, source: Sequence[Mapping[str, Any]]):
+  def __init__(self, source: Sequence[Mapping[str, Any]], text: Any = None):
     self.source = source
+    self.text = text
 
-  def __call__(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
-    indices, flips = batch
+  def __call__(self, batch: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+    indices, flips, *drops = batch  # drops only with text
     records = read_records(self.source, indices)
     image = np.stack([r["image"] for r in records])  # [b, H, W, C] uint8
     image = np.where(flips[:, None, None, None], image[:, :, ::-1], image)
-    return {
+    out = {
       "image": model_space(image),  # [b, H, W, C]
       "label": np.array([r["label"] for r in records], np.int32),  # [b]
     }
+    if self.text is not None:
+      rows = np.where(drops[0], 0, self.text.index[np.asarray(indices)])
+      out.update(self.text.rows(rows))  # tokens [b, L, D], mask [b, L], pooled [b, D]
+    return out
 
 
 def _check_worker_flags() -> None:
@@ -88,6 +105,8 @@ def make_dataset(
   prefetch: int = 2,
   num_threads: int = 2,
   num_workers: int = 0,
+  text: Any = None,
+  caption_dropout: float = 0.0,
 ) -> grain.IterDataset:
   """Builds the per-host batch pipeline over ``source`` (see the module docstring).
 
@@ -106,9 +125,13 @@ def make_dataset(
     prefetch: batches buffered ahead by reader threads; 0 reads synchronously.
     num_threads: reader threads per process.
     num_workers: > 0 moves reading into that many worker processes (needs parsed absl flags).
+    text: a :class:`jaxdiff.prompts.CaptionTable` of ``source``: batches also hold each
+      example's caption encoding.
+    caption_dropout: the probability of an example's caption being the empty prompt (row 0).
 
   Returns:
-    Dataset of ``{"image": float32 [B // P, H, W, C] in [-1, 1], "label": int32 [B // P]}``.
+    Dataset of ``{"image": float32 [B // P, H, W, C] in [-1, 1], "label": int32 [B // P]}``
+    (and ``tokens``, ``mask``, ``pooled`` with ``text``).
 
   Raises:
     ValueError: a batch size that does not fit.
@@ -133,8 +156,12 @@ def make_dataset(
     ds = ds.random_map(_draw_flip, seed=flip_seed)
   else:
     ds = ds.map(_no_flip)
+  if text is not None:  # (a run without text keeps its pipeline, and its iterator state, as was)
+    # Like the flips: per position in the global stream, from a stream of its own.
+    drop_seed = int(np.random.SeedSequence([seed, 2]).generate_state(1)[0])
+    ds = ds.random_map(_DrawDrop(caption_dropout), seed=drop_seed)
   ds = ds[process_index::process_count]
-  ds = ds.batch(batch_size // process_count, drop_remainder=True).map(_ReadBatch(source))
+  ds = ds.batch(batch_size // process_count, drop_remainder=True).map(_ReadBatch(source, text))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -152,6 +179,7 @@ def make_iterator(
   shuffle: bool = True,
   num_epochs: int | None = None,
   source: Sequence[Mapping[str, Any]] | None = None,
+  text: Any = None,
 ) -> grain.DatasetIterator:
   """Returns this host's checkpointable iterator of batches for ``config``.
 
@@ -165,6 +193,8 @@ def make_iterator(
     shuffle: shuffle globally by seed.
     num_epochs: None repeats forever.
     source: read this source instead of ``config.data``'s (e.g. a latent run's cached latents).
+    text: the split's :class:`jaxdiff.prompts.CaptionTable` (a text run), dropped at
+      ``config.text.caption_dropout``.
 
   Returns:
     ``grain.DatasetIterator`` of ``{"image": float32 [b, H, W, C], "label": int32 [b]}`` with
@@ -182,5 +212,7 @@ def make_iterator(
     random_flip=data.random_flip,
     prefetch=data.prefetch,
     num_workers=data.num_workers,
+    text=text,
+    caption_dropout=config.text.caption_dropout if text is not None else 0.0,
   )
   return iter(ds)

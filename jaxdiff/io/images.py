@@ -152,22 +152,28 @@ def save_samples(
   pixels: np.ndarray,
   labels: np.ndarray | None = None,
   trajectory: np.ndarray | None = None,
+  *,
+  prompts: list[str] | None = None,
+  ncols: int | None = None,
 ) -> list[epath.Path]:
   """Writes a sampling result the way ``jaxdiff sample`` does; returns the files written.
 
-  ``OUT/samples.png`` (a grid), ``OUT/samples.npz`` (``images``: uint8 ``[N, H, W, C]``, and
-  ``labels`` if given) and, with a ``trajectory`` (uint8 ``[S + 1, N, H, W, C]``, x_T first),
+  ``OUT/samples.png`` (a grid, ``ncols`` wide), ``OUT/samples.npz`` (``images``: uint8
+  ``[N, H, W, C]``, and ``labels`` / each image's ``prompts`` if given) and, with a
+  ``trajectory`` (uint8 ``[S + 1, N, H, W, C]``, x_T first),
   ``OUT/trajectory.gif``: at most ``MAX_GIF_FRAMES`` evenly spaced grids, x_T first and the
   samples last. ``out_dir`` may be local (created) or ``gs://``; each file is written atomically.
   """
   out = files.make_dirs(out_dir)
-  save_png(make_grid(pixels), out / "samples.png")
+  save_png(make_grid(pixels, ncols), out / "samples.png")
   arrays = {"images": pixels} if labels is None else {"images": pixels, "labels": labels}
+  if prompts is not None:
+    arrays["prompts"] = np.asarray(prompts, dtype=str)
   with files.atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
     np.savez(f, **arrays)
   written = [out / "samples.png", out / "samples.npz"]
   if trajectory is not None:
     idx = np.unique(np.linspace(0, len(trajectory) - 1, MAX_GIF_FRAMES).round().astype(int))
-    save_gif([make_grid(trajectory[i]) for i in idx], out / "trajectory.gif")
+    save_gif([make_grid(trajectory[i], ncols) for i in idx], out / "trajectory.gif")
     written.append(out / "trajectory.gif")
   return written

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxdiff.config import is_latent, sample_shape
+from jaxdiff.config import is_latent, is_text, sample_shape
 from jaxdiff.models import layers
 from jaxdiff.models.autoencoder import Autoencoder
 from jaxdiff.models.dit import DiT, dit_preset
@@ -101,6 +101,7 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
     dropout=m.dropout,
     num_classes=num_classes,
     class_dropout=m.class_dropout,
+    context_dim=context_width(config),
     mlp_ratio=m.mlp_ratio,
     dtype=layers.compute_dtype(m.compute_dtype),
     remat=m.remat,
@@ -125,6 +126,32 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
     num_groups=m.num_groups,
     **common,
   )
+
+
+def context_width(config: ml_collections.ConfigDict) -> int:
+  """The width of the text tokens the denoiser attends to (``text.width``), 0 without text.
+
+  Raises:
+    ValueError: a text run whose width has not been read from its encoder yet
+      (``jaxdiff.prompts.resolve`` does that when the run starts).
+  """
+  if not is_text(config):
+    return 0
+  if config.text.width is None:
+    raise ValueError(
+      "text.width is unset: jaxdiff.prompts.resolve(config) reads it from the text encoder"
+    )
+  return int(config.text.width)
+
+
+def text_inputs(config: ml_collections.ConfigDict, batch: int) -> dict[str, Any]:
+  """Abstract ``[batch]`` text conditioning of a text run's denoiser (for shape checks)."""
+  width, length = context_width(config), config.text.max_length
+  return {
+    "tokens": jax.ShapeDtypeStruct((batch, length, width), jnp.float32),
+    "mask": jax.ShapeDtypeStruct((batch, length), jnp.bool_),
+    "pooled": jax.ShapeDtypeStruct((batch, width), jnp.float32),
+  }
 
 
 def padded_size(config: ml_collections.ConfigDict) -> int:
@@ -325,6 +352,8 @@ def _forward_problems(config: ml_collections.ConfigDict) -> list[str]:
     else:
       t = jax.ShapeDtypeStruct((1,), jnp.int32)
       y = jax.ShapeDtypeStruct((1,), jnp.int32) if config.model.class_conditional else None
+      if is_text(config):
+        y = {**text_inputs(config, 1), **({} if y is None else {"label": y})}
       out = jax.eval_shape(Apply(graphdef), params, x, t, y)
       expected = (1, size, size, output_channels(config))
   except Exception as e:  # whatever the model raises is the message

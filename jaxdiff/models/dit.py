@@ -5,6 +5,10 @@ stride-``patch`` conv, fixed 2D sin-cos position embedding, ``depth`` transforme
 LayerNorms are modulated by ``c = t_emb (+ y_emb)`` through a zero-initialised
 ``SiLU -> Dense(6 * hidden)`` (shift/scale/gate for attention and MLP), then an adaLN final
 layer projecting each token to a ``patch x patch x out_channels`` patch. Images are NHWC.
+
+With ``context_dim > 0`` the model is text-conditional as PixArt-alpha (Chen et al. 2023): each
+block cross-attends to the text tokens between self-attention and MLP (a residual, not
+adaLN-modulated), and the pooled text embedding is projected and added to ``c``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.models import layers
+from jaxdiff.models import cross_attention, layers
+from jaxdiff.models.cross_attention import CrossAttention
 from jaxdiff.models.layers import Array, DType
 
 # DiT's initialisation: xavier-uniform Linear layers with zero bias; N(0, 0.02) for the
@@ -76,7 +81,10 @@ def _layer_norm(dim: int, dtype: DType, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class DiTBlock(nnx.Module):
-  """A transformer block with adaLN-Zero conditioning (Peebles & Xie 2023, Fig. 3)."""
+  """A transformer block with adaLN-Zero conditioning (Peebles & Xie 2023, Fig. 3).
+
+  With ``context_dim > 0``, cross-attention to the text follows the self-attention (PixArt).
+  """
 
   def __init__(
     self,
@@ -85,6 +93,7 @@ class DiTBlock(nnx.Module):
     num_heads: int,
     mlp_ratio: float,
     dropout: float,
+    context_dim: int = 0,
     dtype: DType,
     rngs: nnx.Rngs,
   ):
@@ -93,6 +102,11 @@ class DiTBlock(nnx.Module):
     self.norm1 = _layer_norm(hidden, dtype, rngs)
     self.qkv = _linear(hidden, 3 * hidden, xavier_init, dtype, rngs)
     self.proj = _linear(hidden, hidden, xavier_init, dtype, rngs)
+    self.cross_attn = (
+      CrossAttention(hidden, context_dim, num_heads=num_heads, dtype=dtype, rngs=rngs)
+      if context_dim > 0
+      else None
+    )
     self.norm2 = _layer_norm(hidden, dtype, rngs)
     self.fc1 = _linear(hidden, mlp_hidden, xavier_init, dtype, rngs)
     self.fc2 = _linear(mlp_hidden, hidden, xavier_init, dtype, rngs)
@@ -100,7 +114,16 @@ class DiTBlock(nnx.Module):
     # Zero init: every block starts as the identity ("adaLN-Zero").
     self.ada_ln = _linear(hidden, 6 * hidden, zeros_init, dtype, rngs)
 
-  def __call__(self, x: Array, c: Array, key: Array | None = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    c: Array,
+    key: Array | None = None,
+    context: Array | None = None,
+    mask: Array | None = None,
+  ) -> Array:
+    """``x`` ``[B, N, D]``, ``c`` ``[B, D]``; ``context`` ``[B, L, Dc]`` and ``mask`` ``[B, L]``
+    the text when the block has cross-attention."""
     b, n, d = x.shape
     mod = self.ada_ln(nnx.silu(c))  # [B, 6D]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
@@ -111,6 +134,8 @@ class DiTBlock(nnx.Module):
     h = self.proj(layers.dot_product_attention(q, k, v).reshape(b, n, d))
     h = self.dropout(h, deterministic=key is None, rngs=drop_keys[0])
     x = x + gate_msa[:, None, :] * h
+    if self.cross_attn is not None:
+      x = self.cross_attn(x, context, mask)
 
     h = _modulate(self.norm2(x), shift_mlp, scale_mlp)
     h = nnx.gelu(self.fc1(h), approximate=True)  # DiT: GELU(approximate="tanh")
@@ -133,6 +158,8 @@ class DiT(nnx.Module):
     dropout: dropout on the attention output and MLP hidden layer (the paper uses 0).
     num_classes: 0 for unconditional; otherwise the label table has a null row ``num_classes``.
     class_dropout: label dropout probability for classifier-free guidance (paper: 0.1).
+    context_dim: 0 for no text, else the width of the text token embeddings every block
+      attends to (with as many heads as its self-attention) and of the pooled embedding.
     freq_dim: width of the sinusoidal timestep features (paper: 256).
     dtype: compute dtype (parameters stay float32).
     remat: rematerialise every block in the backward pass.
@@ -155,6 +182,7 @@ class DiT(nnx.Module):
     dropout: float = 0.0,
     num_classes: int = 0,
     class_dropout: float = 0.0,
+    context_dim: int = 0,
     freq_dim: int = 256,
     dtype: DType = jnp.float32,
     remat: bool = False,
@@ -183,6 +211,7 @@ class DiT(nnx.Module):
     self.freq_dim = freq_dim
     self.num_classes = num_classes
     self.class_dropout = class_dropout
+    self.context_dim = context_dim
     self.dtype = dtype
     self.remat = remat
 
@@ -203,6 +232,10 @@ class DiT(nnx.Module):
       if num_classes > 0
       else None
     )
+    # The pooled text embedding joins c, like a class label's (initialised like the label table).
+    self.pooled_proj = (
+      _linear(context_dim, hidden_size, normal_init, dtype, rngs) if context_dim > 0 else None
+    )
     self.blocks = nnx.List(
       [
         DiTBlock(
@@ -210,6 +243,7 @@ class DiT(nnx.Module):
           num_heads=heads,
           mlp_ratio=mlp_ratio,
           dropout=dropout,
+          context_dim=context_dim,
           dtype=dtype,
           rngs=rngs,
         )
@@ -230,7 +264,9 @@ class DiT(nnx.Module):
     Args:
       x: ``[B, H, W, C]`` float images, ``H`` and ``W`` divisible by the patch size.
       t: ``[B]`` timesteps (embedded as given; a scalar is broadcast to the batch).
-      y: ``[B]`` int class labels, or None (the null class on a class-conditional model).
+      y: ``[B]`` int class labels, or None (the null class on a class-conditional model); with
+        ``context_dim > 0`` a mapping of text and optional labels, see
+        :func:`jaxdiff.models.cross_attention.split_conditioning`.
       key: dropout key; None means deterministic evaluation.
 
     Returns:
@@ -241,7 +277,9 @@ class DiT(nnx.Module):
     if height % p or width % p:
       raise ValueError(f"DiT input {height}x{width} is not divisible by patch size {p}.")
     t = layers.batch_timesteps(t, b)
-    layers.check_labels(y, self.num_classes)
+    labels, tokens, mask, pooled = cross_attention.split_conditioning(y)
+    layers.check_labels(labels, self.num_classes)
+    cross_attention.check_text(tokens, batch=b, context_dim=self.context_dim)
     gh, gw = height // p, width // p
 
     h = self.patch_embed(x.astype(self.dtype)).reshape(b, gh * gw, self.hidden_size)  # [B, N, D]
@@ -251,14 +289,17 @@ class DiT(nnx.Module):
     c = self.t_dense1(nnx.silu(self.t_dense0(t_freq)))  # [B, D]
     if self.label_emb is not None:
       labels = layers.labels_with_null(
-        y, b, self.num_classes, self.class_dropout, layers.fold_key(key, 0)
+        labels, b, self.num_classes, self.class_dropout, layers.fold_key(key, 0)
       )
       c = c + self.label_emb(labels)
+    if self.pooled_proj is not None:
+      c = c + self.pooled_proj(pooled)
 
     call = layers.maybe_remat(layers.apply_module, self.remat)
     block_key = layers.fold_key(key, 1)
+    text = () if tokens is None else (tokens, mask)  # [B, L, Dc], [B, L]
     for i, blk in enumerate(self.blocks):
-      h = call(blk, h, c, layers.fold_key(block_key, i))
+      h = call(blk, h, c, layers.fold_key(block_key, i), *text)
 
     shift, scale = jnp.split(self.final_ada_ln(nnx.silu(c)), 2, axis=-1)
     h = self.final_linear(_modulate(self.final_norm(h), shift, scale))  # [B, N, p*p*C_out]

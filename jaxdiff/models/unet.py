@@ -13,18 +13,23 @@ With ``resblock="ddpm"`` and default options the module mirrors the official TF 
   attention.
 * ``num_classes``: class-conditional, with a learned null class for classifier-free guidance
   (Ho & Salimans 2022).
+* ``context_dim``: text-conditional: cross-attention to text tokens after every self-attention
+  layer, and the pooled text embedding added to the timestep embedding (Rombach et al. 2022).
 
 All feature maps are NHWC.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.models import layers
+from jaxdiff.models import cross_attention, layers
+from jaxdiff.models.cross_attention import SpatialCrossAttention
 from jaxdiff.models.layers import Array, DType
 
 RESBLOCKS = ("ddpm", "biggan", "convnext")
@@ -209,11 +214,21 @@ class _Level(nnx.Module):
     self,
     blocks: list[nnx.Module],
     attns: list[nnx.Module],
+    cross_attns: list[SpatialCrossAttention | None],
     resample: nnx.Module | None,
   ):
     self.blocks = nnx.List(blocks)
     self.attns = nnx.List(attns)  # empty, or one per block
+    self.cross_attns = nnx.List([a for a in cross_attns if a is not None])  # [] without text
     self.resample = resample
+
+  def attend(self, j: int, h: Array, call: Callable[..., Array], text: tuple[Array, ...]) -> Array:
+    """Block ``j``'s self-attention and then its cross-attention to ``text``, where present."""
+    if self.attns:
+      h = call(self.attns[j], h)
+    if self.cross_attns:
+      h = call(self.cross_attns[j], h, *text)
+    return h
 
 
 class UNet(nnx.Module):
@@ -237,6 +252,8 @@ class UNet(nnx.Module):
     num_classes: 0 for an unconditional model, else the number of classes; the embedding
       table gets one extra row, the null class ``num_classes``.
     class_dropout: probability of replacing a label by the null class during training.
+    context_dim: 0 for no text, else the width of the text token embeddings the model attends
+      to (with as many heads as its self-attention) and of the pooled embedding.
     mlp_ratio: hidden-width multiplier of ConvNeXt blocks.
     dtype: compute dtype (parameters stay float32).
     remat: rematerialise every block in the backward pass.
@@ -264,6 +281,7 @@ class UNet(nnx.Module):
     num_groups: int = 32,
     num_classes: int = 0,
     class_dropout: float = 0.0,
+    context_dim: int = 0,
     mlp_ratio: float = 4.0,
     dtype: DType = jnp.float32,
     remat: bool = False,
@@ -286,6 +304,7 @@ class UNet(nnx.Module):
     self.ch = ch
     self.num_classes = num_classes
     self.class_dropout = class_dropout
+    self.context_dim = context_dim
     self.dtype = dtype
     self.remat = remat
     emb_dim = 4 * ch
@@ -300,19 +319,21 @@ class UNet(nnx.Module):
       attention=attention,
       num_heads=num_heads,
       num_head_channels=num_head_channels,
+      context_dim=context_dim,
       dtype=dtype,
       rngs=rngs,
     )
     # Layers are created in the order they run: the order fixes which initialisation key
     # each one draws.
     # Timestep embedding MLP: sinusoid(ch) -> Dense(4ch) -> SiLU -> Dense(4ch).
-    self.temb_dense0 = nnx.Linear(ch, emb_dim, kernel_init=layers.ddpm_init, dtype=dtype, rngs=rngs)
-    self.temb_dense1 = nnx.Linear(
-      emb_dim, emb_dim, kernel_init=layers.ddpm_init, dtype=dtype, rngs=rngs
-    )
+    dense = functools.partial(nnx.Linear, kernel_init=layers.ddpm_init, dtype=dtype, rngs=rngs)
+    self.temb_dense0 = dense(ch, emb_dim)
+    self.temb_dense1 = dense(emb_dim, emb_dim)
     self.label_emb = (
       nnx.Embed(num_classes + 1, emb_dim, dtype=dtype, rngs=rngs) if num_classes > 0 else None
     )
+    # The pooled text embedding joins the timestep embedding, like a class label's.
+    self.pooled_proj = dense(context_dim, emb_dim) if context_dim > 0 else None
     self.conv_in = _conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
     widths = [ch * m for m in ch_mult]
     sides = [image_size // 2**i for i in range(len(ch_mult))]
@@ -320,18 +341,20 @@ class UNet(nnx.Module):
     self.down = nnx.List(down)
     cur = widths[-1]
     self.mid_block1 = parts.block(cur, cur)
-    self.mid_attn = parts.attn(cur, "middle")
+    self.mid_attn, self.mid_cross_attn = parts.attn(cur, "middle")
     self.mid_block2 = parts.block(cur, cur)
     self.up = nnx.List(_up_levels(parts, widths, sides, num_res_blocks, attn_resolutions, skip_ch))
     self.norm_out = layers.group_norm(ch * ch_mult[0], num_groups, dtype=dtype, rngs=rngs)
     self.conv_out = _conv(ch * ch_mult[0], out_channels, 3, zero=True, dtype=dtype, rngs=rngs)
 
-  def _embed(self, t: Array, y: Array | None, key: Array | None) -> Array:
+  def _embed(self, t: Array, y: Array | None, pooled: Array | None, key: Array | None) -> Array:
     emb = layers.timestep_embedding(t, self.ch)
     emb = self.temb_dense1(nnx.silu(self.temb_dense0(emb)))
     if self.label_emb is not None:
       y = layers.labels_with_null(y, t.shape[0], self.num_classes, self.class_dropout, key)
       emb = emb + self.label_emb(y)
+    if self.pooled_proj is not None:
+      emb = emb + self.pooled_proj(pooled)
     return emb
 
   def __call__(
@@ -342,18 +365,23 @@ class UNet(nnx.Module):
     Args:
       x: ``[B, H, W, C]`` float images.
       t: ``[B]`` timesteps (embedded as given; a scalar is broadcast to the batch).
-      y: ``[B]`` int class labels, or None (the null class on a class-conditional model).
+      y: ``[B]`` int class labels, or None (the null class on a class-conditional model); with
+        ``context_dim > 0`` a mapping of text and optional labels, see
+        :func:`jaxdiff.models.cross_attention.split_conditioning`.
       key: dropout key; None means deterministic evaluation.
 
     Returns:
       ``[B, H, W, out_channels]`` float32.
     """
     t = layers.batch_timesteps(t, x.shape[0])
-    layers.check_labels(y, self.num_classes)
+    labels, tokens, mask, pooled = cross_attention.split_conditioning(y)
+    layers.check_labels(labels, self.num_classes)
+    cross_attention.check_text(tokens, batch=x.shape[0], context_dim=self.context_dim)
+    text = (tokens, mask)  # [B, L, Dc], [B, L]
     # Independent streams for label dropout and for the blocks' dropout masks.
     label_key = layers.fold_key(key, 0)
     block_key = layers.fold_key(key, 1)
-    emb = self._embed(t, y, label_key)
+    emb = self._embed(t, labels, pooled, label_key)
     call = layers.maybe_remat(layers.apply_module, self.remat)
     n = 0
 
@@ -366,9 +394,7 @@ class UNet(nnx.Module):
     hs = [h]
     for level in self.down:
       for j, blk in enumerate(level.blocks):
-        h = run_block(blk, h)
-        if level.attns:
-          h = call(level.attns[j], h)
+        h = level.attend(j, run_block(blk, h), call, text)
         hs.append(h)
       if level.resample is not None:
         h = run_block(level.resample, h)
@@ -376,13 +402,14 @@ class UNet(nnx.Module):
 
     h = run_block(self.mid_block1, h)
     h = call(self.mid_attn, h)
+    if self.mid_cross_attn is not None:
+      h = call(self.mid_cross_attn, h, *text)
     h = run_block(self.mid_block2, h)
 
     for level in self.up:
       for j, blk in enumerate(level.blocks):
         h = run_block(blk, jnp.concatenate([h, hs.pop()], axis=-1))
-        if level.attns:
-          h = call(level.attns[j], h)
+        h = level.attend(j, h, call, text)
       if level.resample is not None:
         h = run_block(level.resample, h)
 
@@ -390,53 +417,39 @@ class UNet(nnx.Module):
     return h.astype(jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _Parts:
   """Makes the U-Net's blocks, attention layers and resamplers with its options closed over."""
 
-  def __init__(self, *, emb_dim: int, resblock: str, dropout: float, mlp_ratio: float,
-               scale_shift_norm: bool, num_groups: int, resample_with_conv: bool, attention: str,
-               num_heads: int, num_head_channels: int, dtype: DType, rngs: nnx.Rngs):  # fmt: skip
-    self.emb_dim, self.resblock, self.dropout, self.mlp_ratio = (
-      emb_dim,
-      resblock,
-      dropout,
-      mlp_ratio,
-    )
-    self.scale_shift_norm, self.num_groups = scale_shift_norm, num_groups
-    self.resample_with_conv, self.attention = resample_with_conv, attention
-    self.num_heads, self.num_head_channels, self.dtype, self.rngs = (
-      num_heads,
-      num_head_channels,
-      dtype,
-      rngs,
-    )
+  emb_dim: int
+  resblock: str
+  dropout: float
+  mlp_ratio: float
+  scale_shift_norm: bool
+  num_groups: int
+  resample_with_conv: bool
+  attention: str
+  num_heads: int
+  num_head_channels: int
+  context_dim: int
+  dtype: DType
+  rngs: nnx.Rngs
 
   def block(self, cin: int, cout: int, resample: str | None = None) -> nnx.Module:
     common = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype)
+    common.update(rngs=self.rngs)
     if self.resblock == "convnext":
-      return ConvNeXtBlock(
-        cin, cout, self.emb_dim, mlp_ratio=self.mlp_ratio, rngs=self.rngs, **common
-      )
-    return ResBlock(
-      cin,
-      cout,
-      self.emb_dim,
-      num_groups=self.num_groups,
-      resample=resample,
-      rngs=self.rngs,
-      **common,
-    )
+      return ConvNeXtBlock(cin, cout, self.emb_dim, mlp_ratio=self.mlp_ratio, **common)
+    common.update(num_groups=self.num_groups)
+    return ResBlock(cin, cout, self.emb_dim, resample=resample, **common)
 
-  def attn(self, c: int, where: str) -> layers.SpatialAttention:
+  def attn(self, c: int, where: str) -> tuple[nnx.Module, nnx.Module | None]:
+    """A self-attention layer and, with text, the cross-attention that follows it (same heads)."""
     heads = layers.resolve_num_heads(c, self.num_heads, self.num_head_channels, where)
-    return layers.SpatialAttention(
-      c,
-      num_heads=heads,
-      num_groups=self.num_groups,
-      kind=self.attention,
-      dtype=self.dtype,
-      rngs=self.rngs,
-    )
+    common = dict(num_heads=heads, num_groups=self.num_groups, dtype=self.dtype, rngs=self.rngs)
+    attn = layers.SpatialAttention(c, kind=self.attention, **common)
+    cross = SpatialCrossAttention(c, self.context_dim, **common) if self.context_dim else None
+    return attn, cross
 
   def resampler(self, c: int, direction: str) -> nnx.Module:
     if self.resblock == "biggan":
@@ -456,18 +469,20 @@ def _down_levels(
   """The down path's levels, and the width of every tensor it pushes on the skip stack."""
   skip_ch, cur, levels = [ch], ch, []
   for i, (width, side) in enumerate(zip(widths, sides, strict=True)):
-    blocks, attns = [], []
+    blocks, attns, crosses = [], [], []
     for j in range(num_res_blocks):
       blocks.append(parts.block(cur, width))
       cur = width
       if side in attn_resolutions:
-        attns.append(parts.attn(cur, f"down level {i} block {j} (resolution {side})"))
+        attn, cross = parts.attn(cur, f"down level {i} block {j} (resolution {side})")
+        attns.append(attn)
+        crosses.append(cross)
       skip_ch.append(cur)
     resample = None
     if i != len(widths) - 1:
       resample = parts.resampler(cur, "down")
       skip_ch.append(cur)
-    levels.append(_Level(blocks, attns, resample))
+    levels.append(_Level(blocks, attns, crosses, resample))
   return levels, skip_ch
 
 
@@ -482,13 +497,16 @@ def _up_levels(
   """The up path's levels; each block takes one skip tensor, so ``skip_ch`` is used up."""
   cur, levels = widths[-1], []
   for i in reversed(range(len(widths))):
-    blocks, attns = [], []
+    blocks, attns, crosses = [], [], []
     for j in range(num_res_blocks + 1):
       blocks.append(parts.block(cur + skip_ch.pop(), widths[i]))
       cur = widths[i]
       if sides[i] in attn_resolutions:
-        attns.append(parts.attn(cur, f"up level {i} block {j} (resolution {sides[i]})"))
-    levels.append(_Level(blocks, attns, parts.resampler(cur, "up") if i != 0 else None))
+        attn, cross = parts.attn(cur, f"up level {i} block {j} (resolution {sides[i]})")
+        attns.append(attn)
+        crosses.append(cross)
+    resample = parts.resampler(cur, "up") if i != 0 else None
+    levels.append(_Level(blocks, attns, crosses, resample))
   assert not skip_ch, "every skip connection must be consumed"
   return levels
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdiff import parallel
-from jaxdiff.config import is_latent, sample_shape
+from jaxdiff.config import is_latent, is_text, sample_shape
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.sampling.driver import sample_in_chunks
 from jaxdiff.sampling.registry import SAMPLERS, get_sampler
@@ -69,7 +69,7 @@ def sampler_kwargs(
     "temperature": _pick(temperature, scfg.temperature),
   }
   get_sampler(kwargs["sampler"])  # fail before loading a checkpoint, not after
-  if not conditional and kwargs["guidance_scale"] != 1.0:
+  if not (conditional or is_text(config)) and kwargs["guidance_scale"] != 1.0:
     raise ValueError(
       f"guidance_scale={kwargs['guidance_scale']} needs a class-conditional model"
       " (classifier-free guidance), and this run's config has model.class_conditional=False;"
@@ -99,7 +99,7 @@ def check(config: Any, class_label: int | None = None) -> list[str]:
     need(scfg[key] >= 0, key, "a number >= 0")
   conditional = bool(config.model.class_conditional)
   need(
-    conditional or scfg.guidance_scale == 1.0, "guidance_scale",
+    conditional or is_text(config) or scfg.guidance_scale == 1.0, "guidance_scale",
     "1.0 for this unconditional model (classifier-free guidance needs model.class_conditional)",
   )  # fmt: skip
   if class_label is not None and not conditional:
@@ -146,12 +146,17 @@ def sample_from_config(
   return_trajectory: bool = False,
   progress: bool = False,
   decode: Callable[[jax.Array], jax.Array] | None = None,
+  conditioning: tuple[Any, Any] | None = None,
   **overrides: Any,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """``num_samples`` images ``[N, H, W, C]`` in [-1, 1] (NumPy), drawn as ``config.sampling`` says.
 
   In a latent run the sampler draws latents (``config.sample_shape``) and ``decode`` (e.g.
   ``Run.decode``) turns them, and every frame of a trajectory, into images.
+
+  A text run samples from ``conditioning = (cond, uncond)``: ``[N]`` rows of encoded prompts
+  and of the empty or negative prompt (:func:`jaxdiff.prompts.conditioning`), the two branches
+  of classifier-free guidance.
 
   ``overrides`` (``sampler``, ``num_steps``, ``eta``, ``temperature``, ``guidance_scale``)
   replace the config's values where not None. Chunks of ``batch_size`` (default
@@ -165,7 +170,13 @@ def sample_from_config(
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   kwargs = sampler_kwargs(config, **overrides)
-  labels = class_labels(config, num_samples, class_label)
+  labels, uncond = class_labels(config, num_samples, class_label), None
+  if is_text(config):
+    if conditioning is None:
+      raise ValueError("a text run samples from prompts: pass conditioning=(cond, uncond)")
+    labels, uncond = conditioning
+  elif conditioning is not None:
+    raise ValueError("conditioning is for a text run (config.text.encoder); this run has none")
   batch = min(batch_size or config.sampling.batch_size, num_samples)
   if mesh is not None:
     batch = parallel.round_up(batch, mesh.size)
@@ -180,6 +191,7 @@ def sample_from_config(
     image_shape,
     batch_size=batch,
     labels=labels,
+    uncond=uncond,
     return_trajectory=return_trajectory,
     progress=progress,
     mesh=mesh,

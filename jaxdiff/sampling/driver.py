@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,7 +39,8 @@ def _chain(
   model_fn: ModelFn,
   key: jax.Array,
   x_T: jax.Array,
-  labels: jax.Array | None,
+  labels: Any,
+  uncond: Any,
   guidance: dict[str, Any],
   mesh: Mesh | None,
 ) -> Chain:
@@ -48,7 +49,7 @@ def _chain(
 
   def model(x: jax.Array, t_index: jax.Array) -> tuple[jax.Array, jax.Array]:
     t = jnp.full((B,), t_index, jnp.int32)
-    out = guided_model_output(model_fn, x, model_timesteps(d, t), labels, **guidance)
+    out = guided_model_output(model_fn, x, model_timesteps(d, t), labels, uncond=uncond, **guidance)
     return out.astype(x.dtype), t  # the sampler maths stay in x's dtype
 
   def noise(k: jax.Array) -> jax.Array:
@@ -119,7 +120,7 @@ def make_sampler(
 ) -> SamplerFn:
   """A pure sampling function with the hyperparameters closed over (optax style).
 
-  The returned ``fn(d, model_fn, key, x_T, labels=None)`` runs the whole chain
+  The returned ``fn(d, model_fn, key, x_T, labels=None, uncond=None)`` runs the whole chain
   as one ``lax.scan`` over the S steps of ``d``; it is meant to be jitted by the
   caller (:func:`sample` does that and caches the result). ``d`` and, if it is a
   ``jax.tree_util.Partial``, ``model_fn``'s bound arguments (the parameters)
@@ -143,11 +144,13 @@ def make_sampler(
     **options: options of a registered sampler that are not keywords above.
 
   Returns:
-    ``fn(d, model_fn, key, x_T, labels=None) -> x_0`` or ``(x_0, trajectory)``.
+    ``fn(d, model_fn, key, x_T, labels=None, uncond=None) -> x_0`` or ``(x_0, trajectory)``
+    (``labels`` and ``uncond`` as for :func:`guided_model_output`).
 
   Raises:
-    ValueError: for an unknown sampler or predictor, a bad option value, an
-      option the sampler does not take, or guidance without a null label.
+    ValueError: for an unknown sampler or predictor, a bad option value, or an
+      option the sampler does not take; ``fn``, when traced, for guidance without labels or
+      without a null label or ``uncond``.
   """
   definition = get_sampler(sampler)
   check_predictor(predictor)
@@ -156,19 +159,18 @@ def make_sampler(
       f"need eta >= 0, temperature >= 0, snr > 0 and n_corrector_steps >= 0; got eta={eta},"
       f" temperature={temperature}, snr={snr}, n_corrector_steps={n_corrector_steps}"
     )
-  if guidance_scale != 1.0 and null_label is None:
-    check_guidance(guidance_scale, True, null_label)
   shared = dict(eta=eta, clip_denoised=clip_denoised, temperature=temperature, snr=snr)
   shared.update(n_corrector_steps=n_corrector_steps, predictor=predictor)
   algo = _build(definition, sampler, {**shared, **options})
   mesh = None if mesh is None else auto_mesh(mesh)
   guidance = {"guidance_scale": guidance_scale, "null_label": null_label}
 
-  def fn(d: Diffusion, model_fn: ModelFn, key: jax.Array, x_T: jax.Array, labels=None):
-    check_guidance(guidance_scale, labels, null_label)
-    if labels is not None:
-      labels = constrain(jnp.asarray(labels), mesh)
-    chain = _chain(d, model_fn, key, x_T, labels, guidance, mesh)
+  def fn(d: Diffusion, model_fn: ModelFn, key: jax.Array, x_T: jax.Array, labels=None, uncond=None):
+    check_guidance(guidance_scale, labels, null_label, uncond)
+    labels, uncond = (
+      jax.tree.map(lambda a: constrain(jnp.asarray(a), mesh), y) for y in (labels, uncond)
+    )
+    chain = _chain(d, model_fn, key, x_T, labels, uncond, guidance, mesh)
     return _scan(algo, chain, x_T, return_trajectory, mesh, report_steps=progress)
 
   return fn
@@ -206,21 +208,38 @@ def _start(
   key: jax.Array,
   shape: tuple[int, ...],
   x_T: jax.Array | None,
-  labels: jax.Array | None,
+  labels: Any,
+  uncond: Any,
   mesh: Mesh | None,
-) -> tuple[jax.Array, jax.Array | None]:
-  """x_T (drawn unless given) and the labels as int32, both checked against ``shape``."""
+) -> tuple[jax.Array, Any, Any]:
+  """x_T (drawn unless given); class labels as int32; every conditioning array checked to
+  have the batch's leading size."""
   if x_T is None:
     x_T = _draw_x_T(key, shape, mesh)
   elif tuple(x_T.shape) != shape:
     raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
-  if labels is not None:
-    labels = jnp.asarray(labels, jnp.int32)
-    if labels.shape != shape[:1]:
-      raise ValueError(f"labels have shape {labels.shape}, expected ({shape[0]},)")
+  labels = _conditioning(labels, "labels", shape[0])
+  uncond = _conditioning(uncond, "uncond", shape[0])
   # A given x_T and the labels are resharded inside the jitted sampler, which
   # also accepts host arrays on every process of a multi-host run.
-  return x_T, labels
+  return x_T, labels, uncond
+
+
+def _conditioning(y: Any, name: str, batch: int) -> Any:
+  """``y`` with int class labels as int32 (an array, or a mapping's ``label``), after checking
+  that every array in it has ``batch`` rows."""
+  if y is None:
+    return None
+  if not isinstance(y, Mapping):
+    y = jnp.asarray(y, jnp.int32)
+    if y.shape != (batch,):
+      raise ValueError(f"{name} have shape {y.shape}, expected ({batch},)")
+    return y
+  y = {k: jnp.asarray(v, jnp.int32) if k == "label" else jnp.asarray(v) for k, v in y.items()}
+  for k, v in y.items():
+    if v.shape[:1] != (batch,):
+      raise ValueError(f"{name}[{k!r}] has shape {v.shape}, expected ({batch}, ...)")
+  return y
 
 
 def sample(
@@ -235,8 +254,9 @@ def sample(
   eta: float = 0.0,
   clip_denoised: bool = True,
   guidance_scale: float = 1.0,
-  labels: jax.Array | None = None,
+  labels: Any = None,
   null_label: int | None = None,
+  uncond: Any = None,
   temperature: float = 1.0,
   return_trajectory: bool = False,
   x_T: jax.Array | None = None,
@@ -269,8 +289,11 @@ def sample(
     eta: DDIM's eta.
     clip_denoised: clip x_0 estimates to [-1, 1].
     guidance_scale: classifier-free guidance scale (needs ``labels`` and ``null_label``).
-    labels: ``[B]`` int class labels for a conditional model.
+    labels: ``[B]`` int class labels for a conditional model, or a mapping of ``[B, ...]``
+      arrays (a text-conditioned model's ``tokens``, ``mask``, ``pooled``, and ``label``).
     null_label: the label meaning "no class".
+    uncond: guidance's unconditional conditioning, shaped as ``labels`` (the empty or a
+      negative prompt's encoding); default: ``labels`` set to ``null_label``.
     temperature: scales the injected noise.
     return_trajectory: also return the ``[S + 1, B, H, W, C]`` chain, x_T first.
     x_T: start from this noise instead of drawing it.
@@ -292,13 +315,13 @@ def sample(
   """
   shape = tuple(int(s) for s in shape)
   steps = sampler_timesteps(d, num_steps, sampler=sampler, spacing=spacing)
-  check_guidance(guidance_scale, labels, null_label)
+  check_guidance(guidance_scale, labels, null_label, uncond)
   _check_mesh(mesh, shape[0])
   if len(steps) != d.num_timesteps:
     d = respace(d, steps)
   mesh = None if mesh is None else auto_mesh(mesh)
   key_T, key_steps = jax.random.split(key)
-  x_T, labels = _start(key_T, shape, x_T, labels, mesh)
+  x_T, labels, uncond = _start(key_T, shape, x_T, labels, uncond, mesh)
   if not isinstance(model_fn, jax.tree_util.Partial):
     model_fn = jax.tree_util.Partial(model_fn)  # a pytree: jit can take it as an argument
   fn = _jitted_sampler(
@@ -319,7 +342,7 @@ def sample(
     **options,
   )
   with _reporting(progress, d.num_timesteps):
-    out = fn(d, model_fn, key_steps, x_T, labels)
+    out = fn(d, model_fn, key_steps, x_T, labels, uncond)
     return jax.block_until_ready(out) if progress else out
 
 
@@ -344,7 +367,8 @@ def sample_in_chunks(
   image_shape: Sequence[int],
   *,
   batch_size: int,
-  labels: np.ndarray | jax.Array | None = None,
+  labels: Any = None,
+  uncond: Any = None,
   return_trajectory: bool = False,
   progress: bool = False,
   **kwargs: Any,
@@ -362,7 +386,9 @@ def sample_in_chunks(
     num_samples: N.
     image_shape: ``(H, W, C)``.
     batch_size: global samples per chunk (a multiple of the mesh's devices).
-    labels: ``[N]`` int class labels, or None.
+    labels: ``[N]`` int class labels, a mapping of ``[N, ...]`` arrays (see :func:`sample`),
+      or None.
+    uncond: guidance's unconditional conditioning for all N, shaped as ``labels``, or None.
     return_trajectory: also return the ``[S + 1, N, H, W, C]`` trajectories.
     progress: a tqdm bar (process 0) that advances every sampler step, over all chunks
       (steps x chunks, with an ETA); see :func:`sample`.
@@ -373,10 +399,8 @@ def sample_in_chunks(
   """
   if num_samples < 1 or batch_size < 1:
     raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
-  if labels is not None:
-    labels = np.asarray(labels)
-    if labels.shape != (num_samples,):
-      raise ValueError(f"labels have shape {labels.shape}, expected ({num_samples},)")
+  labels = jax.tree.map(np.asarray, _conditioning(labels, "labels", num_samples))
+  uncond = jax.tree.map(np.asarray, _conditioning(uncond, "uncond", num_samples))
   num_chunks = math.ceil(num_samples / batch_size)
   num_steps = kwargs.get("num_steps") or d.num_timesteps  # sampler_timesteps keeps exactly N
   outs, trajs = [], []
@@ -385,17 +409,17 @@ def sample_in_chunks(
     for c in range(num_chunks):
       lo = c * batch_size
       n = min(batch_size, num_samples - lo)
-      y = None
-      if labels is not None:
-        # Padded by repeating the chunk's labels (the padding is dropped). Not parallel.pad_to:
-        # pc's Langevin step averages over the batch, so the padding's labels reach the samples.
-        y = np.resize(labels[lo : lo + n], batch_size)
+      # Padded by repeating the chunk's rows (the padding is dropped). Not parallel.pad_to:
+      # pc's Langevin step averages over the batch, so the padding's labels reach the samples.
+      rows = lo + np.arange(batch_size) % n
+      y, u = (jax.tree.map(lambda a: a[rows], v) for v in (labels, uncond))  # noqa: B023
       out = sample(
         d,
         model_fn,
         jax.random.fold_in(key, c),
         (batch_size, *image_shape),
         labels=y,
+        uncond=u,
         return_trajectory=return_trajectory,
         progress=on_step,
         **kwargs,

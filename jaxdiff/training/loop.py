@@ -31,8 +31,8 @@ import tqdm
 from etils import epath
 from flax import nnx
 
-from jaxdiff import data, latent, models, parallel
-from jaxdiff.config import is_latent, read_config
+from jaxdiff import data, latent, models, parallel, prompts
+from jaxdiff.config import is_latent, is_text, read_config
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.io import checkpoints, files, images
 from jaxdiff.io.images import from_uint8
@@ -125,6 +125,12 @@ class _Space:
 
   decode: Any = None  # latent run: scaled latents -> images
   images: np.ndarray | None = None  # autoencoder run: uint8 [N, H, W, C] training images
+  text: Any = None  # text run: the training split's prompts.CaptionTable
+
+  def conditioning(self, n: int) -> tuple[Any, Any] | None:
+    """A text run's grid conditioning: the first ``n`` training captions, against the empty
+    prompt."""
+    return None if self.text is None else self.text.first(n)
 
   def stats(self, loop: _Loop, state: TrainState) -> dict | None:
     """An autoencoder checkpoint's ``stats``: the latent scale of its EMA parameters."""
@@ -245,6 +251,7 @@ def _setup(
   mesh = parallel.make_mesh()
   validation.validate(config, mesh.size)
   config = latent.resolve(config)  # a latent run's latent fields, from its autoencoder
+  config = prompts.resolve(config)  # a text run's token width, from its encoder
   files.check_writable(workdir, "--workdir")
   writers.require_extras(config)  # a missing optional package fails here, early
   graphdef, _, optimizer, diffusion = build(config)
@@ -258,8 +265,10 @@ def _setup(
     data.prepare(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
   parallel.sync("prepared")
   space, source = _space(config, mesh)
+  if is_text(config):  # each distinct caption encoded once (or read from the cache)
+    space.text = prompts.caption_table(config, progress=is_main)
   iterator = data.make_iterator(
-    config, split=config.data.split, batch_size=tcfg.batch_size, source=source
+    config, split=config.data.split, batch_size=tcfg.batch_size, source=source, text=space.text
   )
   if start.data_state:
     iterator.set_state(start.data_state)
@@ -306,8 +315,9 @@ def _sample_grid(loop: _Loop, state: TrainState, step: int) -> None:
     model_fn = models.bind(loop.graphdef, state.ema_params)
     key = jax.random.fold_in(stream(loop.config.seed, SAMPLE), step)
     samples = sample_from_config(
-      loop.config, loop.diffusion, model_fn, key, n, mesh=loop.mesh, decode=loop.space.decode
-    )
+      loop.config, loop.diffusion, model_fn, key, n, mesh=loop.mesh, decode=loop.space.decode,
+      conditioning=loop.space.conditioning(n),
+    )  # fmt: skip
   if jax.process_index() == 0:
     grid = images.make_grid(images.to_uint8(samples))
     images.save_png(grid, loop.workdir / "samples" / f"step_{step:07d}.png")

@@ -28,6 +28,7 @@ from jaxdiff.io import files
 # Dotted keys (or prefixes ending in ".") that a resumed run must keep.
 FIXED = (
   "seed",
+  "text.",  # the encoder, its token length and width: what the model attends to
   "model.",
   "diffusion.",
   "data.name",
@@ -50,7 +51,7 @@ FIXED = (
   "latent.scale_factor",
 )
 # Exceptions to FIXED prefixes: knobs that change memory or speed, not the result.
-FREE = ("model.remat", "autoencoder.scale_examples")
+FREE = ("model.remat", "autoencoder.scale_examples", "text.caption_dropout", "text.cache_dir")
 
 HISTORY = "history.jsonl"
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdiff import models, parallel
-from jaxdiff.config import is_latent
+from jaxdiff.config import is_latent, is_text
 from jaxdiff.core import diffusion as diffusion_lib
 from jaxdiff.core import losses, timesteps
 from jaxdiff.training import autoencoder
@@ -31,15 +31,14 @@ StepFn = Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainStat
 def make_loss_fn(
   config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, diffusion: diffusion_lib.Diffusion
 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-  """``loss_fn(params, images, labels, t, noise, weights, key) -> (mean loss, terms)``."""
+  """``loss_fn(params, images, y, t, noise, weights, key) -> (mean loss, terms)``, ``y`` the
+  model's conditioning (:func:`conditioning`)."""
   dcfg = config.diffusion
-  conditional = bool(config.model.class_conditional)
   apply = models.Apply(graphdef)
   # Latents are continuous: the bound's L_0 is a density there, not 8-bit bins.
   decoder = "gaussian" if is_latent(config) else "discretized"
 
-  def loss_fn(params, images, labels, t, noise, weights, key):
-    y = labels if conditional else None
+  def loss_fn(params, images, y, t, noise, weights, key):
     terms = losses.training_losses(
       diffusion,
       lambda x, s: apply(params, x, s, y, key=key),
@@ -67,8 +66,8 @@ def _accumulated(grad_fn: Callable, accum: int) -> Callable:
     *inputs, key = inputs_and_key
     B = inputs[0].shape[0]
 
-    def split(x):
-      return None if x is None else x.reshape((accum, B // accum) + x.shape[1:])
+    def split(x):  # any pytree of [B, ...] arrays (the conditioning may be a dict), or None
+      return jax.tree.map(lambda a: a.reshape((accum, B // accum) + a.shape[1:]), x)
 
     def micro(carry, xs):
       i, *xs = xs
@@ -91,9 +90,20 @@ def _diffusion_inputs(config, diffusion, graphdef) -> tuple[Callable, Callable]:
     key_t, key_noise, key_model = jax.random.split(key, 3)
     images = batch["image"]
     draw = timesteps.draw(key_t, key_noise, images, diffusion.num_timesteps, state.loss_history)
-    return (images, batch.get("label"), draw.t, draw.noise, draw.weights), key_model
+    y = conditioning(config, batch)
+    return (images, y, draw.t, draw.noise, draw.weights), key_model
 
   return loss_fn, inputs
+
+
+def conditioning(config: ml_collections.ConfigDict, batch: dict[str, jax.Array]) -> Any:
+  """What the denoiser is conditioned on in ``batch``: None, the class labels ``[B]``, or for a
+  text run ``{"tokens", "mask", "pooled"}`` (and ``"label"`` if class-conditional)."""
+  labels = batch.get("label") if config.model.class_conditional else None
+  if not is_text(config):
+    return labels
+  y = {k: batch[k] for k in ("tokens", "mask", "pooled")}
+  return y if labels is None else {**y, "label": labels}
 
 
 def _autoencoder_inputs(config, graphdef) -> tuple[Callable, Callable]:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff import config as config_lib
-from jaxdiff import latent, models
+from jaxdiff import latent, models, prompts
 from jaxdiff.core import diffusion, losses
 from jaxdiff.data import preparation
 from jaxdiff.io import files
@@ -85,6 +85,11 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if latent_lines:  # without its autoencoder the model's shapes are unknown
       return _one_per_field(lines + latent_lines)
     config = latent.resolve(config)
+  if config_lib.is_text(config):
+    text_lines = prompts.problems(config)
+    if text_lines:  # without its encoder the model's token width is unknown
+      return _one_per_field(lines + text_lines)
+    config = prompts.resolve(config)
   lines += autoencoder.problems(config)
   lines += models.check_config(config)
   lines += diffusion.check_config(config.diffusion)
