@@ -75,30 +75,17 @@ class _Block(nnx.Module):
 
   def __init__(self, cin: int, cout: int, *, num_groups: int, dropout: float, dtype, rngs):
     self.norm1 = layers.group_norm(cin, num_groups, dtype=dtype, rngs=rngs)
-    self.conv1 = _conv(cin, cout, 3, dtype=dtype, rngs=rngs)
+    self.conv1 = layers.conv(cin, cout, 3, dtype=dtype, rngs=rngs)
     self.norm2 = layers.group_norm(cout, num_groups, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
-    self.conv2 = _conv(cout, cout, 3, dtype=dtype, rngs=rngs)
-    self.skip = _conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
+    self.conv2 = layers.conv(cout, cout, 3, dtype=dtype, rngs=rngs)
+    self.skip = layers.conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
 
   def __call__(self, x: Array, key: Array | None) -> Array:
     h = self.conv1(nnx.silu(self.norm1(x)))
     h = self.dropout(nnx.silu(self.norm2(h)), deterministic=key is None, rngs=key)
     h = self.conv2(h)
     return (x if self.skip is None else self.skip(x)) + h
-
-
-def _conv(cin: int, cout: int, kernel: int, *, dtype, rngs, stride: int = 1) -> nnx.Conv:
-  return nnx.Conv(
-    cin,
-    cout,
-    kernel_size=(kernel, kernel),
-    strides=(stride, stride),
-    padding="SAME",
-    kernel_init=layers.ddpm_init,
-    dtype=dtype,
-    rngs=rngs,
-  )
 
 
 class _Level(nnx.Module):
@@ -116,7 +103,7 @@ class _Level(nnx.Module):
     c = widths[-1]
     stride = 2 if resample == "down" else 1
     self.resample = resample
-    self.conv = _conv(c, c, 3, stride=stride, dtype=dtype, rngs=rngs) if resample else None
+    self.conv = layers.conv(c, c, 3, stride=stride, dtype=dtype, rngs=rngs) if resample else None
 
   def __call__(self, x: Array, key: Array | None) -> Array:
     for i, block in enumerate(self.blocks):
@@ -228,7 +215,7 @@ class Autoencoder(nnx.Module):
     sides = [padded_size // 2**i for i in range(len(ch_mult))]
     last = len(ch_mult) - 1
     # Encoder: conv_in, levels (down after all but the last), middle, norm-silu-conv to 2c.
-    self.enc_in = _conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
+    self.enc_in = layers.conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
     prev, down = ch, []
     for i, w in enumerate(widths):
       down.append(
@@ -243,11 +230,11 @@ class Autoencoder(nnx.Module):
     self.down = nnx.List(down)
     self.enc_mid = _Middle(prev, **kw)
     self.enc_norm = layers.group_norm(prev, num_groups, dtype=dtype, rngs=rngs)
-    self.enc_out = _conv(prev, 2 * latent_channels, 3, dtype=dtype, rngs=rngs)
-    self.quant = _conv(2 * latent_channels, 2 * latent_channels, 1, dtype=dtype, rngs=rngs)
+    self.enc_out = layers.conv(prev, 2 * latent_channels, 3, dtype=dtype, rngs=rngs)
+    self.quant = layers.conv(2 * latent_channels, 2 * latent_channels, 1, dtype=dtype, rngs=rngs)
     # Decoder: 1x1, conv_in, middle, levels from the lowest (up after all but the top).
-    self.post_quant = _conv(latent_channels, latent_channels, 1, dtype=dtype, rngs=rngs)
-    self.dec_in = _conv(latent_channels, prev, 3, dtype=dtype, rngs=rngs)
+    self.post_quant = layers.conv(latent_channels, latent_channels, 1, dtype=dtype, rngs=rngs)
+    self.dec_in = layers.conv(latent_channels, prev, 3, dtype=dtype, rngs=rngs)
     self.dec_mid = _Middle(prev, **kw)
     up = []
     for i in reversed(range(len(widths))):
@@ -262,7 +249,7 @@ class Autoencoder(nnx.Module):
       prev = widths[i]
     self.up = nnx.List(up)
     self.dec_norm = layers.group_norm(prev, num_groups, dtype=dtype, rngs=rngs)
-    self.dec_out = _conv(prev, in_channels, 3, dtype=dtype, rngs=rngs)
+    self.dec_out = layers.conv(prev, in_channels, 3, dtype=dtype, rngs=rngs)
     self.discriminator = (
       Discriminator(in_channels, disc_ch, disc_layers, num_groups=num_groups, rngs=rngs)
       if disc_layers > 0

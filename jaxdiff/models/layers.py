@@ -129,6 +129,32 @@ def resolve_num_heads(channels: int, num_heads: int, num_head_channels: int, whe
   return num_heads
 
 
+def conv(
+  cin: int,
+  cout: int,
+  kernel: int,
+  *,
+  dtype: DType,
+  rngs: nnx.Rngs,
+  stride: int = 1,
+  zero: bool = False,
+  groups: int = 1,
+) -> nnx.Conv:
+  """A SAME-padded square conv with DDPM's initialisation (zero with ``zero``: a residual branch
+  that starts as the identity)."""
+  return nnx.Conv(
+    cin,
+    cout,
+    kernel_size=(kernel, kernel),
+    strides=(stride, stride),
+    padding="SAME",
+    feature_group_count=groups,
+    kernel_init=zeros_init if zero else ddpm_init,
+    dtype=dtype,
+    rngs=rngs,
+  )
+
+
 def group_norm(channels: int, num_groups: int, *, dtype: DType, rngs: nnx.Rngs) -> nnx.GroupNorm:
   """GroupNorm over the channel axis with the TF-contrib epsilon (1e-6) DDPM used."""
   return nnx.GroupNorm(channels, num_groups=num_groups, epsilon=1e-6, dtype=dtype, rngs=rngs)

@@ -47,36 +47,12 @@ def _avg_pool_2x(x: Array) -> Array:
   return x.reshape(b, (h + 1) // 2, 2, (w + 1) // 2, 2, c).mean(axis=(2, 4))
 
 
-def _conv(
-  cin: int,
-  cout: int,
-  kernel: int,
-  *,
-  dtype: DType,
-  rngs: nnx.Rngs,
-  stride: int = 1,
-  zero: bool = False,
-  groups: int = 1,
-) -> nnx.Conv:
-  return nnx.Conv(
-    cin,
-    cout,
-    kernel_size=(kernel, kernel),
-    strides=(stride, stride),
-    padding="SAME",
-    feature_group_count=groups,
-    kernel_init=layers.zeros_init if zero else layers.ddpm_init,
-    dtype=dtype,
-    rngs=rngs,
-  )
-
-
 class Downsample(nnx.Module):
   """Halves the resolution: a stride-2 3x3 conv (DDPM) or 2x2 average pooling."""
 
   def __init__(self, channels: int, *, with_conv: bool, dtype: DType, rngs: nnx.Rngs):
     self.conv = (
-      _conv(channels, channels, 3, stride=2, dtype=dtype, rngs=rngs) if with_conv else None
+      layers.conv(channels, channels, 3, stride=2, dtype=dtype, rngs=rngs) if with_conv else None
     )
 
   def __call__(self, x: Array, emb: Array, key: Array | None = None) -> Array:
@@ -88,7 +64,7 @@ class Upsample(nnx.Module):
   """Doubles the resolution: nearest neighbour, then (DDPM) a 3x3 conv."""
 
   def __init__(self, channels: int, *, with_conv: bool, dtype: DType, rngs: nnx.Rngs):
-    self.conv = _conv(channels, channels, 3, dtype=dtype, rngs=rngs) if with_conv else None
+    self.conv = layers.conv(channels, channels, 3, dtype=dtype, rngs=rngs) if with_conv else None
 
   def __call__(self, x: Array, emb: Array, key: Array | None = None) -> Array:
     del emb, key
@@ -120,16 +96,16 @@ class ResBlock(nnx.Module):
     self.scale_shift_norm = scale_shift_norm
     self.resample = resample
     self.norm1 = layers.group_norm(cin, num_groups, dtype=dtype, rngs=rngs)
-    self.conv1 = _conv(cin, cout, 3, dtype=dtype, rngs=rngs)
+    self.conv1 = layers.conv(cin, cout, 3, dtype=dtype, rngs=rngs)
     emb_out = 2 * cout if scale_shift_norm else cout
     self.emb_proj = nnx.Linear(
       emb_dim, emb_out, kernel_init=layers.ddpm_init, dtype=dtype, rngs=rngs
     )
     self.norm2 = layers.group_norm(cout, num_groups, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
-    self.conv2 = _conv(cout, cout, 3, zero=True, dtype=dtype, rngs=rngs)
+    self.conv2 = layers.conv(cout, cout, 3, zero=True, dtype=dtype, rngs=rngs)
     # DDPM's `nin_shortcut` is a dense layer on channels, i.e. a 1x1 conv.
-    self.skip = _conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
+    self.skip = layers.conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
 
   def _resample(self, x: Array) -> Array:
     if self.resample == "up":
@@ -181,7 +157,7 @@ class ConvNeXtBlock(nnx.Module):
   ):
     self.scale_shift_norm = scale_shift_norm
     hidden = int(round(mlp_ratio * cout))
-    self.dwconv = _conv(cin, cin, 7, groups=cin, dtype=dtype, rngs=rngs)
+    self.dwconv = layers.conv(cin, cin, 7, groups=cin, dtype=dtype, rngs=rngs)
     emb_out = 2 * cin if scale_shift_norm else cin
     self.emb_proj = nnx.Linear(
       emb_dim, emb_out, kernel_init=layers.ddpm_init, dtype=dtype, rngs=rngs
@@ -190,7 +166,7 @@ class ConvNeXtBlock(nnx.Module):
     self.fc1 = nnx.Linear(cin, hidden, kernel_init=layers.ddpm_init, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
     self.fc2 = nnx.Linear(hidden, cout, kernel_init=layers.zeros_init, dtype=dtype, rngs=rngs)
-    self.skip = _conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
+    self.skip = layers.conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
 
   def __call__(self, x: Array, emb: Array, key: Array | None = None) -> Array:
     h = self.dwconv(x)
@@ -334,7 +310,7 @@ class UNet(nnx.Module):
     )
     # The pooled text embedding joins the timestep embedding, like a class label's.
     self.pooled_proj = dense(context_dim, emb_dim) if context_dim > 0 else None
-    self.conv_in = _conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
+    self.conv_in = layers.conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
     widths = [ch * m for m in ch_mult]
     sides = [image_size // 2**i for i in range(len(ch_mult))]
     down, skip_ch = _down_levels(parts, ch, widths, sides, num_res_blocks, attn_resolutions)
@@ -345,7 +321,7 @@ class UNet(nnx.Module):
     self.mid_block2 = parts.block(cur, cur)
     self.up = nnx.List(_up_levels(parts, widths, sides, num_res_blocks, attn_resolutions, skip_ch))
     self.norm_out = layers.group_norm(ch * ch_mult[0], num_groups, dtype=dtype, rngs=rngs)
-    self.conv_out = _conv(ch * ch_mult[0], out_channels, 3, zero=True, dtype=dtype, rngs=rngs)
+    self.conv_out = layers.conv(ch * ch_mult[0], out_channels, 3, zero=True, dtype=dtype, rngs=rngs)
 
   def _embed(self, t: Array, y: Array | None, pooled: Array | None, key: Array | None) -> Array:
     emb = layers.timestep_embedding(t, self.ch)
