@@ -113,13 +113,25 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- text
   # Text-to-image: every training image gets a caption (made from its label and measured
   # attributes for mnist / fashion_mnist; captions.jsonl or a .txt beside each image of an
-  # image folder), encoded once by a frozen text encoder; the denoiser attends to its tokens.
+  # image folder; a tfds dataset's text feature), and the denoiser attends to its encoding.
   config.text = text = ml_collections.ConfigDict()
-  text.encoder = ""  # "" = no text; "minilm" = all-MiniLM-L6-v2 (frozen; jaxdiff[text])
-  text.encoder_path = ""  # another BERT's folder (model.safetensors, tokenizer.json); "" = MiniLM
-  text.max_length = 16  # tokens per caption, [CLS] and [SEP] included
+  # "" = no text; "minilm" = all-MiniLM-L6-v2, frozen (jaxdiff[text]); "transformer" = a small
+  # byte-level transformer trained jointly with the denoiser (GLIDE); "file" = precomputed
+  # embeddings read from encoder_path (an encoder run elsewhere: T5, CLIP, ...).
+  text.encoder = ""
+  # minilm: another BERT's folder (model.safetensors, tokenizer.json), "" = the packaged MiniLM;
+  # file: the .npz of embeddings (jaxdiff.text_files).
+  text.encoder_path = ""
+  # Tokens per caption: minilm's [CLS] and [SEP] included; the transformer's UTF-8 bytes plus
+  # BOS and EOS (a caption needs about 3x as many as minilm's); a file's own length.
+  text.max_length = 16
   text.caption_dropout = 0.1  # captions replaced by the empty prompt (classifier-free guidance)
   text.cache_dir = ""  # encoded caption tables; "" = $JAXDIFF_CACHE/text or ~/.cache/jaxdiff/text
+  text.feature = ""  # a tfds dataset's text feature holding each image's caption
+  text.transformer = ml_collections.ConfigDict()  # encoder="transformer" only
+  text.transformer.width = 256
+  text.transformer.depth = 4
+  text.transformer.num_heads = 4
   # Filled in from the encoder when the run starts (and stored in config.json):
   text.width = ml_collections.config_dict.placeholder(int)
 

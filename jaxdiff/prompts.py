@@ -28,30 +28,36 @@ import ml_collections
 import numpy as np
 
 from jaxdiff import text as text_lib
+from jaxdiff import text_files
 from jaxdiff.config import is_text
 from jaxdiff.data import captions as captions_lib
+from jaxdiff.data import sources
 from jaxdiff.data import split as split_lib
 from jaxdiff.data.sources import make_source
 from jaxdiff.io import files
+from jaxdiff.models import text_transformer
 
-ENCODERS = ("minilm",)
+ENCODERS = ("minilm", "transformer", "file")
 BACKBONES = ("unet", "dit")
-TEXT_KEYS = ("tokens", "mask", "pooled")
+TEXT_KEYS = ("tokens", "mask", "pooled")  # what a frozen encoder gives the denoiser
 
 
 @dataclasses.dataclass(frozen=True)
 class CaptionTable:
-  """The encoded distinct captions of a split and each example's row among them."""
+  """The encoded distinct captions of a split and each example's row among them.
+
+  ``arrays`` holds ``tokens`` ``[K, L, D]``, ``mask`` ``[K, L]`` and ``pooled`` ``[K, D]`` for a
+  frozen encoder (``minilm``, ``file``), or the byte ``ids`` and ``mask`` ``[K, L]`` for the
+  jointly trained ``transformer``.
+  """
 
   captions: list[str]  # [K] distinct captions; captions[0] == "" (the empty prompt)
-  tokens: np.ndarray  # float32 [K, L, D]
-  mask: np.ndarray  # bool [K, L]
-  pooled: np.ndarray  # float32 [K, D]
+  arrays: dict[str, np.ndarray]  # each [K, ...]
   index: np.ndarray  # int32 [N]: the row of example i's caption
 
   def rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """``{"tokens" [n, L, D], "mask" [n, L], "pooled" [n, D]}`` of the given rows."""
-    return {"tokens": self.tokens[rows], "mask": self.mask[rows], "pooled": self.pooled[rows]}
+    """Each array's ``rows``: what the denoiser is conditioned on for those captions."""
+    return {k: v[rows] for k, v in self.arrays.items()}
 
   def first(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(cond, uncond)`` of the split's first ``n`` captions (cycled) against the empty prompt:
@@ -74,6 +80,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     lines.append(f"text.max_length={t.max_length!r}: must be an int in 2..512")
   if not 0.0 <= t.caption_dropout < 1.0:
     lines.append(f"text.caption_dropout={t.caption_dropout!r}: must be in [0, 1)")
+  if t.encoder == "transformer":
+    lines += _transformer_problems(t.transformer)
   if config.model.name not in BACKBONES:
     lines.append(f"model.name={config.model.name!r}: text conditioning needs one of {BACKBONES}")
   elif config.model.name == "unet" and not config.model.attn_resolutions:
@@ -81,28 +89,48 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       "model.attn_resolutions=(): a text U-Net attends to the caption's tokens after each"
       " self-attention block; name at least one resolution"
     )
-  name = config.data.name
-  if name != "image_folder" and name not in captions_lib.supported_datasets():
+  name, feature = config.data.name, t.get("feature", "")
+  if feature and name == "image_folder":
+    lines.append(
+      f"text.feature={feature!r}: names a tfds text feature; an image_folder's captions come"
+      " from captions.jsonl or a .txt beside each image (leave it empty)"
+    )
+  elif not feature and name != "image_folder" and name not in captions_lib.supported_datasets():
     lines.append(
       f"data.name={name!r}: no captions; text runs make them for"
-      f" {', '.join(captions_lib.supported_datasets())} and read them for image_folder"
-      " (captions.jsonl or a .txt beside each image)"
+      f" {', '.join(captions_lib.supported_datasets())}, read them for image_folder"
+      " (captions.jsonl or a .txt beside each image), and read a tfds dataset's text feature"
+      " named by text.feature"
     )
   if config.eval.every > 0:
     lines.append(
       f"eval.every={config.eval.every}: evaluation inside training is not supported for a text"
       " run yet; use `jaxdiff evaluate` or `jaxdiff sample --prompt` on its checkpoints"
     )
-  if not lines:
+  if not lines and t.encoder != "transformer":
     try:
-      encoder_folder(config)
+      _frozen_width(config)
     except (ImportError, FileNotFoundError, ValueError) as e:
       lines.append(f"text.encoder={t.encoder!r}: {e}")
   return lines
 
 
+def _transformer_problems(tt: ml_collections.ConfigDict) -> list[str]:
+  lines = []
+  for key in ("width", "depth", "num_heads"):
+    v = tt[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      lines.append(f"text.transformer.{key}={v!r}: must be an int >= 1")
+  if not lines and tt.width % tt.num_heads:
+    lines.append(
+      f"text.transformer.width={tt.width}: must be divisible by text.transformer.num_heads="
+      f"{tt.num_heads}"
+    )
+  return lines
+
+
 def encoder_folder(config: ml_collections.ConfigDict) -> Path:
-  """The folder of the run's encoder (``text.encoder_path``, or the packaged MiniLM's).
+  """The folder of a ``minilm`` run's encoder (``text.encoder_path``, or the packaged MiniLM's).
 
   Raises:
     ImportError: the MiniLM package or the readers are not installed.
@@ -114,16 +142,37 @@ def encoder_folder(config: ml_collections.ConfigDict) -> Path:
   return folder
 
 
+def _frozen_width(config: ml_collections.ConfigDict) -> int:
+  """The token width of a frozen encoder (``minilm`` or ``file``), its files checked.
+
+  Raises:
+    ImportError, FileNotFoundError, ValueError: the encoder cannot be read, or a ``file``'s
+      token length is not ``text.max_length``.
+  """
+  if config.text.encoder == "minilm":
+    return text_lib.bert_sizes(encoder_folder(config))["hidden_size"]
+  if not config.text.encoder_path:
+    raise ValueError("text.encoder_path is empty: name the .npz of precomputed embeddings")
+  table = _load_file(str(Path(config.text.encoder_path).expanduser()))
+  if table.max_length != config.text.max_length:
+    raise ValueError(
+      f"text.max_length={config.text.max_length}: the embeddings in {table.path} have"
+      f" {table.max_length} tokens per caption; set text.max_length={table.max_length}"
+    )
+  return table.width
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of a text run's ``config`` with ``text.width`` read from its encoder; ``config``
-  itself without text."""
+  """A copy of a text run's ``config`` with ``text.width`` read from its encoder (the
+  transformer's width for ``transformer``); ``config`` itself without text."""
   if not is_text(config):
     return config
-  width = text_lib.bert_sizes(encoder_folder(config))["hidden_size"]
-  if config.text.width is not None and config.text.width != width:
+  t = config.text
+  width = t.transformer.width if t.encoder == "transformer" else _frozen_width(config)
+  if t.width is not None and t.width != width:
     raise ValueError(
-      f"text.width={config.text.width}: the encoder in {encoder_folder(config)} is {width} wide;"
-      " leave it unset (it is read from the encoder)"
+      f"text.width={t.width}: the {t.encoder} encoder is {width} wide; leave it unset (it is"
+      " read from the encoder)"
     )
   resolved = copy.deepcopy(config)
   with resolved.unlocked():
@@ -131,14 +180,40 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return resolved
 
 
-def encoder(config: ml_collections.ConfigDict) -> text_lib.TextEncoder:
-  """The run's frozen encoder at ``text.max_length`` (loaded once per process)."""
+class _ByteTokens:
+  """The ``transformer`` encoder's input side: texts -> byte ``ids`` and ``mask``."""
+
+  def __init__(self, max_length: int):
+    self.max_length = max_length
+
+  def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    ids, mask = text_transformer.byte_tokenize(list(texts), self.max_length)
+    return {"ids": ids, "mask": mask}
+
+
+def encoder(config: ml_collections.ConfigDict) -> Any:
+  """The run's encoder: an object whose ``encode(texts)`` gives the denoiser's text inputs.
+
+  ``minilm``: the frozen :class:`jaxdiff.text.TextEncoder` at ``text.max_length`` (loaded once
+  per process); ``file``: the :class:`jaxdiff.text_files.EmbeddingFile` of
+  ``text.encoder_path``; ``transformer``: byte tokenization (the network is in the model).
+  """
+  kind = config.text.encoder
+  if kind == "transformer":
+    return _ByteTokens(int(config.text.max_length))
+  if kind == "file":
+    return _load_file(str(Path(config.text.encoder_path).expanduser()))
   return _load(str(encoder_folder(config)), int(config.text.max_length))
 
 
 @functools.cache
 def _load(folder: str, max_length: int) -> text_lib.TextEncoder:
   return text_lib.TextEncoder.load(folder, max_length=max_length)
+
+
+@functools.cache
+def _load_file(path: str) -> text_files.EmbeddingFile:
+  return text_files.EmbeddingFile.load(path)
 
 
 @functools.cache
@@ -150,7 +225,7 @@ def _folder_digest(folder: str) -> str:
 
 
 def encoder_digest(config: ml_collections.ConfigDict) -> str:
-  """SHA-256 of the encoder's weights and tokenizer files and ``text.max_length``."""
+  """SHA-256 of the MiniLM encoder's weights and tokenizer files and ``text.max_length``."""
   folder_digest = _folder_digest(str(encoder_folder(config)))
   return hashlib.sha256(f"{folder_digest}:{config.text.max_length}".encode()).hexdigest()
 
@@ -161,13 +236,17 @@ def encoder_digest(config: ml_collections.ConfigDict) -> str:
 def split_captions(config: ml_collections.ConfigDict, split: str | None = None) -> list[str]:
   """One caption per example of ``split`` (default ``data.split``), in the source's order.
 
-  mnist / fashion_mnist: made from the label and the image's attributes with cut points of the
+  A tfds dataset with ``text.feature`` set: that text feature of each example. mnist /
+  fashion_mnist otherwise: made from the label and the image's attributes with cut points of the
   training split's images (per class), seeded by ``config.seed`` and the example's index.
 
   Raises:
-    ValueError: an image folder without captions, or with a bad one (named).
+    ValueError: an image folder without captions, or with a bad one (named); a tfds dataset
+      without the text feature named.
   """
   data, split = config.data, split or config.data.split
+  if config.text.get("feature"):
+    return sources.text_feature(data, split=split, feature=config.text.feature)
   if data.name == "image_folder":
     source = make_source(data, split=split)
     root = files.as_path(data.image_folder)
@@ -200,19 +279,25 @@ def images_and_labels(data: ml_collections.ConfigDict, split: str) -> tuple[np.n
 def caption_table(
   config: ml_collections.ConfigDict, split: str | None = None, progress: bool = False
 ) -> CaptionTable:
-  """The encoded captions of ``split`` (default ``data.split``), from the cache or encoded now
-  (each distinct caption once) and cached atomically."""
+  """The encoded captions of ``split`` (default ``data.split``), each distinct caption once.
+
+  MiniLM's encodings are cached on disk (atomically, under a digest of the encoder and the
+  captions); a ``file`` encoder's are looked up and the ``transformer``'s byte ids computed,
+  both cheap enough to redo at each start.
+  """
   captions = split_captions(config, split)
   distinct = ["", *sorted(set(captions) - {""})]
+  row = {c: i for i, c in enumerate(distinct)}
+  index = np.array([row[c] for c in captions], np.int32)
+  if config.text.encoder != "minilm":
+    return CaptionTable(distinct, encoder(config).encode(distinct), index)
   digest = hashlib.sha256(
     (encoder_digest(config) + "\n" + "\n".join(distinct)).encode()
   ).hexdigest()
   path = cache_dir(config) / f"{digest[:20]}.npz"
-  row = {c: i for i, c in enumerate(distinct)}
-  index = np.array([row[c] for c in captions], np.int32)
   if path.is_file():
     with np.load(path) as z:
-      return CaptionTable(distinct, z["tokens"], z["mask"], z["pooled"], index)
+      return CaptionTable(distinct, {k: z[k] for k in TEXT_KEYS}, index)
   if progress:
     print(f"encoding {len(distinct)} distinct captions of {len(captions)}", flush=True)
   enc = encoder(config)
@@ -220,8 +305,8 @@ def caption_table(
   enc.clear_cache()  # the table holds them now
   files.make_dirs(path.parent)
   with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
-    np.savez(f, tokens=out["tokens"], mask=out["mask"], pooled=out["pooled"])
-  return CaptionTable(distinct, out["tokens"], out["mask"], out["pooled"], index)
+    np.savez(f, **{k: out[k] for k in TEXT_KEYS})
+  return CaptionTable(distinct, {k: out[k] for k in TEXT_KEYS}, index)
 
 
 def cache_dir(config: ml_collections.ConfigDict) -> Path:
@@ -260,12 +345,11 @@ def conditioning(
   prompts = check_prompts(prompts)
   if negative_prompt is not None and not isinstance(negative_prompt, str):
     raise ValueError(f"negative_prompt={negative_prompt!r}: must be a string")
-  enc = encoder(config)
-  out = enc.encode([*prompts, negative_prompt or ""])
+  out = encoder(config).encode([*prompts, negative_prompt or ""])
   rows = np.repeat(np.arange(len(prompts)), per_prompt)
   n = len(rows)
-  cond = {k: out[k][rows] for k in TEXT_KEYS}
-  uncond = {k: np.repeat(out[k][-1:], n, axis=0) for k in TEXT_KEYS}
+  cond = {k: v[rows] for k, v in out.items()}
+  uncond = {k: np.repeat(v[-1:], n, axis=0) for k, v in out.items()}
   if config.model.class_conditional:
     null = config.data.num_classes
     cond["label"] = np.full(n, null if label is None else label, np.int32)

@@ -19,7 +19,9 @@ ALLOWED = {
   "data": {"parallel", "io"},
   "latent": {"config", "models", "parallel", "data", "io"},
   "text": {"models"},  # the pretrained text encoder: finds, reads and tokenizes
-  "prompts": {"config", "text", "data", "io"},  # a text run's captions and prompts, encoded
+  "text_files": {"io"},  # precomputed caption embeddings: an encoder run elsewhere
+  # a text run's captions and prompts, encoded
+  "prompts": {"config", "models", "text", "text_files", "data", "io"},
   "evaluation": {"core", "models", "parallel", "sampling", "data", "io"},
   "training": {"config", "core", "models", "parallel", "sampling", "data", "io", "evaluation"}
   | {"latent", "prompts"},

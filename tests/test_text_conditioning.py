@@ -144,7 +144,7 @@ def test_caption_table_encodes_each_distinct_caption_once_and_caches(
   before = enc.num_encoded
   again = prompts.caption_table(config)  # read back, nothing encoded
   assert enc.num_encoded == before
-  np.testing.assert_array_equal(again.tokens, table.tokens)
+  np.testing.assert_array_equal(again.arrays["tokens"], table.arrays["tokens"])
   # Another caption set is another file, never the stale one.
   (captioned_dir / "captions.jsonl").write_text(
     (captioned_dir / "captions.jsonl").read_text().replace("a small bag", "a tiny bag")
@@ -161,12 +161,13 @@ def test_caption_table_encodes_each_distinct_caption_once_and_caches(
 def test_pipeline_attaches_caption_rows_and_drops_them_reproducibly():
   source = data.ArraySource(np.zeros((64, 2, 2, 1), np.uint8), np.arange(64) % 2)
   k, length, width = 5, 3, 2
+  arrays = {
+    "tokens": np.arange(k * length * width, dtype=np.float32).reshape(k, length, width),
+    "mask": np.ones((k, length), bool),
+    "pooled": np.arange(k * width, dtype=np.float32).reshape(k, width),
+  }
   table = prompts.CaptionTable(
-    captions=["", "a", "b", "c", "d"],
-    tokens=np.arange(k * length * width, dtype=np.float32).reshape(k, length, width),
-    mask=np.ones((k, length), bool),
-    pooled=np.arange(k * width, dtype=np.float32).reshape(k, width),
-    index=(np.arange(64) % 4 + 1).astype(np.int32),
+    ["", "a", "b", "c", "d"], arrays, (np.arange(64) % 4 + 1).astype(np.int32)
   )
 
   def batches(dropout, n=8):
@@ -178,7 +179,7 @@ def test_pipeline_attaches_caption_rows_and_drops_them_reproducibly():
   for b in kept:
     rows = b["pooled"][:, 0].astype(int) // width
     assert np.all(rows >= 1)
-    np.testing.assert_array_equal(b["tokens"], table.tokens[rows])
+    np.testing.assert_array_equal(b["tokens"], arrays["tokens"][rows])
   dropped = batches(0.5)
   rows = np.concatenate([b["pooled"][:, 0].astype(int) // width for b in dropped])
   assert 0.3 < np.mean(rows == 0) < 0.7  # 128 draws at rate 1/2

@@ -313,6 +313,55 @@ def make_source(data: ml_collections.ConfigDict, *, split: str) -> ImageFolderSo
   return TfdsSource(source, image_size=data.image_size, channels=data.channels)
 
 
+def text_feature(data: ml_collections.ConfigDict, *, split: str, feature: str) -> list[str]:
+  """Each example's text ``feature`` of a prepared tfds dataset's ``split``, in source order.
+
+  The image feature is read without decoding (only the text is needed).
+
+  Raises:
+    DatasetNotPreparedError: the dataset is not prepared.
+    ValueError: the dataset has no text feature ``feature`` (the error lists those it has).
+  """
+  builder = preparation.tfds_builder(data.name, data.data_dir)
+  preparation.check_prepared(builder)
+  features = builder.info.features
+  texts = sorted(k for k, f in features.items() if _is_text(f))
+  if feature not in texts:
+    raise ValueError(
+      f"text.feature={feature!r}: {data.name} has no such text feature; its text features are"
+      f" {texts or 'none'}"
+    )
+  skip = {k: tfds.decode.SkipDecoding() for k, f in features.items() if k != feature}
+  source = tfds.data_source(
+    data.name,
+    split=split,
+    data_dir=preparation.tfds_dir(data.data_dir),
+    download=False,
+    decoders=skip,
+  )
+  out = []
+  for start in range(0, len(source), 1024):
+    records = read_records(source, range(start, min(start + 1024, len(source))))
+    out += [as_text(r[feature]) for r in records]
+  return out
+
+
+def _is_text(feature: Any) -> bool:
+  # tfds.features.Text, or a scalar string Tensor
+  return (
+    isinstance(feature, tfds.features.Tensor)
+    and feature.shape == ()
+    and (feature.np_dtype == np.object_)
+  )
+
+
+def as_text(value: Any) -> str:
+  """A decoded tfds text value (bytes, NumPy bytes or str, or a 0-d array of one) as str."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def dataset_info(data: ml_collections.ConfigDict) -> tuple[dict[str, int], tuple[int, ...], int]:
   """Returns (examples per split, output image shape [H, W, C], number of classes)."""
   shape = (data.image_size, data.image_size, data.channels)

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.config import is_latent, is_text, sample_shape
-from jaxdiff.models import layers
+from jaxdiff.models import layers, text_transformer
 from jaxdiff.models.autoencoder import Autoencoder
 from jaxdiff.models.dit import DiT, dit_preset
 from jaxdiff.models.unet import RESBLOCKS, UNet
@@ -72,7 +72,8 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
     rngs: keys for parameter initialisation (only the ``params`` stream is used).
 
   Returns:
-    A :class:`UNet` or :class:`DiT`.
+    A :class:`UNet` or :class:`DiT`; for ``text.encoder = "transformer"``, that denoiser behind
+    its jointly trained text encoder (:class:`~jaxdiff.models.text_transformer.TextConditioned`).
 
   Raises:
     ValueError: for a config the model cannot be built from, naming the bad value.
@@ -108,12 +109,20 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
     rngs=rngs,
   )
   if m.name == "dit":
-    return DiT(
+    denoiser = DiT(
       patch_size=m.patch_size,
       hidden_size=m.hidden_size,
       depth=m.depth,
       **common,
     )
+  else:
+    denoiser = _unet(m, common)
+  if is_text(config) and config.text.encoder == "transformer":
+    return text_transformer.build(config.text, denoiser=denoiser, dtype=common["dtype"], rngs=rngs)
+  return denoiser
+
+
+def _unet(m: ml_collections.ConfigDict, common: dict[str, Any]) -> UNet:
   return UNet(
     ch=m.ch,
     ch_mult=m.ch_mult,
@@ -147,6 +156,11 @@ def context_width(config: ml_collections.ConfigDict) -> int:
 def text_inputs(config: ml_collections.ConfigDict, batch: int) -> dict[str, Any]:
   """Abstract ``[batch]`` text conditioning of a text run's denoiser (for shape checks)."""
   width, length = context_width(config), config.text.max_length
+  if config.text.encoder == "transformer":
+    return {
+      "ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
+      "mask": jax.ShapeDtypeStruct((batch, length), jnp.bool_),
+    }
   return {
     "tokens": jax.ShapeDtypeStruct((batch, length, width), jnp.float32),
     "mask": jax.ShapeDtypeStruct((batch, length), jnp.bool_),

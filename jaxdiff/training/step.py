@@ -98,11 +98,14 @@ def _diffusion_inputs(config, diffusion, graphdef) -> tuple[Callable, Callable]:
 
 def conditioning(config: ml_collections.ConfigDict, batch: dict[str, jax.Array]) -> Any:
   """What the denoiser is conditioned on in ``batch``: None, the class labels ``[B]``, or for a
-  text run ``{"tokens", "mask", "pooled"}`` (and ``"label"`` if class-conditional)."""
+  text run ``{"tokens", "mask", "pooled"}`` (``{"ids", "mask"}`` for the jointly trained
+  transformer), and ``"label"`` if class-conditional."""
   labels = batch.get("label") if config.model.class_conditional else None
   if not is_text(config):
     return labels
-  y = {k: batch[k] for k in ("tokens", "mask", "pooled")}
+  # The jointly trained transformer reads byte ids; a frozen encoder's output is in the batch.
+  keys = ("ids", "mask") if config.text.encoder == "transformer" else ("tokens", "mask", "pooled")
+  y = {k: batch[k] for k in keys}
   return y if labels is None else {**y, "label": labels}
 
 
