@@ -213,3 +213,19 @@ def test_default_training_on_fashion_mnist(tmp_path):
   net = classifier.feature_net(result["path"])
   assert net.name.startswith("classifier-fashion_mnist-")
   assert net.apply(jnp.zeros((2, 28, 28, 1)))["features"].shape == (2, 128)
+
+
+@pytest.mark.slow  # TensorFlow prepares Fashion-MNIST; a CLI process
+def test_cli_prepares_the_dataset_from_manual_dir(tmp_path):
+  """`jaxdiff train-classifier --config.data.manual_dir=...` prepares the dataset first, as
+  `jaxdiff train` does (it used to stop with "not prepared: pass --config.data.manual_dir")."""
+  pytest.importorskip("tensorflow")
+  from tests.conftest import jaxdiff_cli
+
+  proc = jaxdiff_cli(
+    "train-classifier", "--config=configs/fashion_mnist.py",
+    f"--config.data.manual_dir={FASHION_MNIST_RAW}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+    "--train_steps=2", f"--out={tmp_path / 'out'}",
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert list((tmp_path / "out").glob("classifier-fashion_mnist-*.npz"))

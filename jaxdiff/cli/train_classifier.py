@@ -36,11 +36,12 @@ FLAGS = flags.FLAGS
 
 
 def _train() -> None:
-
-  from jaxdiff import evaluation
+  from jaxdiff import data, evaluation
   from jaxdiff.training import classifier
 
   config = FLAGS.config
+  # As `jaxdiff train` does: a tfds dataset is prepared from data.manual_dir (a no-op if it is).
+  data.prepare(config.data.name, data_dir=config.data.data_dir, manual_dir=config.data.manual_dir)
   out = FLAGS.out or config.eval.cache_dir or None
   path = evaluation.default_classifier_path(config.data, out)
   result = classifier.train(

@@ -9,7 +9,10 @@ Example::
 
   net = features.feature_net("classifier", None, config.data)
   ref, _ = reference_stats(net, config.data, split="test", cache_dir=features.cache_dir())
-  record = sample_quality(run.sample_fn(), net, ref, num_samples=10_000, batch_size=128)
+  def sample_fn(key, n):  # float images in [-1, 1], as the run's config.sampling says
+    return sample_from_config(run.config, run.diffusion, run.model_fn("ema"), key, n)
+
+  record = sample_quality(sample_fn, net, ref, num_samples=10_000, batch_size=128)
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def sample_quality(
 
   Args:
     sample_fn: ``sample_fn(key, n) -> float images [n, H, W, C] in [-1, 1]`` (NumPy, the same on
-      every process), e.g. ``load_run(workdir).sample_fn(...)``; it does its own chunking.
+      every process), e.g. :func:`jaxdiff.sampling.sample_from_config` with a run's model
+      function (``jaxdiff evaluate`` builds one so); it does its own chunking.
     feature_net: the feature network.
     reference_stats: the reference split's statistics in ``feature_net``'s features.
     num_samples: N >= 2 (compare runs only at equal N).
