@@ -137,6 +137,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
+  # "ddpm" (the discrete chain) | "flow" (rectified flow; samplers "euler", "heun");
+  # "vdm" and "edm" are not implemented yet. Flow reads t_sampler, loss_type (mse, l1, huber)
+  # and the fields from logit_mean on; the others are ddpm's.
+  diffusion.process = "ddpm"
   diffusion.schedule = "linear"  # see jaxdiff.core.schedules.SCHEDULES
   diffusion.num_timesteps = 1000
   # None: the schedule's default (linear: 1e-4..0.02 scaled by 1000 / T).
@@ -147,7 +151,14 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.var_type = "fixed_large"  # "fixed_small" | "fixed_large" | "learned" | "learned_range"
   diffusion.loss_type = "mse"  # "mse" | "l1" | "huber" | "kl" | "hybrid"
   diffusion.min_snr_gamma = 0.0  # > 0 enables min-SNR-gamma weighting
-  diffusion.t_sampler = "uniform"  # "uniform" | "importance"
+  diffusion.t_sampler = "uniform"  # "uniform" | "importance" (ddpm) | "logit_normal" (flow)
+  # Rescale the schedule to alpha_bar_T = 0 (Lin et al. 2024); needs mean_type "v" (or "x0").
+  diffusion.zero_terminal_snr = False
+  # Flow: logit-normal training times sigmoid(m + s n) (SD3 eq. 19), and the shift
+  # t' = f t / (1 + (f - 1) t) (SD3 eq. 23) of the training times and the sampling grid.
+  diffusion.logit_mean = 0.0
+  diffusion.logit_std = 1.0
+  diffusion.time_shift = 1.0
 
   # ---------------------------------------------------------------- training
   config.training = training = ml_collections.ConfigDict()
@@ -174,8 +185,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- sampling
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = "ddim"  # "ddpm" | "ddim" | "dpm++2m" | "euler_maruyama" | "pc"
+  sampling.sampler = "ddim"  # ddpm: "ddpm" | "ddim" | "dpm++2m" | "euler_maruyama" | "pc";
+  # flow: "euler" | "heun"
   sampling.num_steps = 50
+  sampling.spacing = ""  # "" = the sampler's own | "sections" | "ddim" | "logsnr" | "trailing"
   sampling.eta = 0.0
   sampling.clip_denoised = True
   sampling.guidance_scale = 1.0

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxdiff import models, parallel, prompts
 from jaxdiff.config import is_latent, is_text, read_config
-from jaxdiff.core import diffusion as diffusion_lib
+from jaxdiff.core import process as process_lib
 from jaxdiff.io import checkpoints, files, images
 from jaxdiff.models import autoencoder as autoencoder_lib
 from jaxdiff.sampling import sample_from_config
@@ -71,8 +71,9 @@ class Run:
     return self.config.model.name == "autoencoder"
 
   @property
-  def diffusion(self) -> diffusion_lib.Diffusion:
-    return diffusion_lib.from_config(self.config.diffusion)
+  def diffusion(self) -> process_lib.Process:
+    """The run's noise process: a ``Diffusion`` (ddpm) or a ``FlowMatching`` (flow)."""
+    return process_lib.from_config(self.config.diffusion)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:

@@ -154,3 +154,45 @@ def zero_terminal_snr(betas):
 def trailing(T, S):
   """Table 2's expression on steps 1..T, shifted to indices 0..T-1."""
   return (np.round(np.flip(np.arange(T, 0, -T / S))).astype(np.int64) - 1).tolist()
+
+
+# ----------------------------------------------------------------------------- flow matching
+
+
+def flow_shift(t, f):
+  """SD3 eq. 23 in the form sigma / alpha scaled by f: t' / (1 - t') = f t / (1 - t)."""
+  out = []
+  for u in np.ravel(np.asarray(t, np.float64)):
+    ratio = f * u / (1.0 - u) if u < 1 else math.inf
+    out.append(1.0 if ratio == math.inf else ratio / (1.0 + ratio))
+  return np.array(out).reshape(np.shape(t))
+
+
+def logit_normal_cdf(t, m=0.0, s=1.0):
+  """P(sigmoid(m + s n) <= t) = Phi((logit(t) - m) / s), per element."""
+  out = []
+  for u in np.ravel(t):
+    z = (math.log(u / (1 - u)) - m) / s
+    out.append(0.5 * (1 + math.erf(z / math.sqrt(2))))
+  return np.array(out)
+
+
+def flow_gaussian_velocity(x, t, mu, sd):
+  """E[eps - x0 | x_t = x] for x0 ~ N(mu, sd^2), x_t = (1 - t) x0 + t eps: from the joint
+  Gaussian of (x0, eps, x_t), the two regressions on x_t."""
+  var = (1 - t) ** 2 * sd**2 + t**2
+  e_eps = t * (x - (1 - t) * mu) / var  # Cov(eps, x_t) / Var(x_t)
+  e_x0 = mu + (1 - t) * sd**2 * (x - (1 - t) * mu) / var
+  return e_eps - e_x0
+
+
+def flow_ode(x, grid, velocity, method):
+  """Integrates dx/dt = velocity(x, t) from grid[-1] down to grid[0], step by step in float64:
+  'euler' or 'heun' (the trapezoid with an Euler predictor, every step corrected)."""
+  x = np.asarray(x, np.float64)
+  for k in range(len(grid) - 1, 0, -1):
+    t, t_next = grid[k], grid[k - 1]
+    v = velocity(x, t)
+    x_euler = x + (t_next - t) * v
+    x = x_euler if method == "euler" else x + (t_next - t) * (v + velocity(x_euler, t_next)) / 2
+  return x

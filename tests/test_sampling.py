@@ -256,7 +256,7 @@ def _run(sampler, key=0, **overrides):
   return S.sample(_diffusion("eps"), _toy_model, jax.random.key(key), SHAPE, **opts)
 
 
-@pytest.mark.parametrize("sampler", S.SAMPLERS)
+@pytest.mark.parametrize("sampler", S.samplers_for("ddpm"))  # flow's: tests/test_flow.py
 def test_sampler_traces_once(sampler):
   """The jitted sampler compiles once: new schedule, params, key and x_T are all data."""
   chex.clear_trace_counter()
@@ -290,7 +290,7 @@ def test_sample_reuses_its_compiled_sampler():
     chex.assert_tree_all_finite(x)
 
 
-@pytest.mark.parametrize("sampler", S.SAMPLERS)
+@pytest.mark.parametrize("sampler", S.samplers_for("ddpm"))  # flow's: tests/test_flow.py
 def test_same_seed_same_images_different_seed_different(sampler):
   a, _ = _run(sampler, key=0)
   b, _ = _run(sampler, key=0)
@@ -299,7 +299,7 @@ def test_same_seed_same_images_different_seed_different(sampler):
   assert not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("sampler", S.SAMPLERS)
+@pytest.mark.parametrize("sampler", S.samplers_for("ddpm"))  # flow's: tests/test_flow.py
 def test_trajectory_starts_at_x_T_and_ends_at_the_sample(sampler):
   x_T = jax.random.normal(jax.random.key(3), SHAPE)
   x, traj = _run(sampler, x_T=x_T)
@@ -343,7 +343,7 @@ def mesh8():
   return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
 
 
-@pytest.mark.parametrize("sampler", S.SAMPLERS)
+@pytest.mark.parametrize("sampler", S.samplers_for("ddpm"))  # flow's: tests/test_flow.py
 def test_sharded_sampling_matches_one_device(sampler, mesh8):
   x1, traj1 = _run(sampler)
   x8, traj8 = _run(sampler, mesh=mesh8)
@@ -490,10 +490,10 @@ def test_sampler_timesteps():
 def test_errors():
   d = _diffusion()
   key, shape = jax.random.key(0), (2, 2, 2, 1)
-  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; allowed: ddpm, ddim, dpm\+\+2m"):
-    S.sample(d, _toy_model, key, shape, sampler="heun")
-  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; allowed: ddpm, ddim"):
-    S.make_sampler("heun")
+  with pytest.raises(ValueError, match=r"unknown sampler 'lms'; allowed: ddpm, ddim, dpm\+\+2m"):
+    S.sample(d, _toy_model, key, shape, sampler="lms")
+  with pytest.raises(ValueError, match=r"unknown sampler 'lms'; allowed: ddpm, ddim"):
+    S.make_sampler("lms")
   with pytest.raises(
     ValueError, match=r"guidance_scale=3.0 needs class labels .* labels not given"
   ):
@@ -550,15 +550,17 @@ def renoise():
 
 
 def test_samplers_is_the_registrys_names(renoise):
-  assert "ddim" in S.SAMPLERS and "heun" not in S.SAMPLERS
-  assert ", ".join(S.SAMPLERS) == "ddpm, ddim, dpm++2m, euler_maruyama, pc, renoise"
-  assert tuple(S.REGISTRY) == S.SAMPLERS and len(S.SAMPLERS) == 6 and S.SAMPLERS[-1] == renoise
+  assert "ddim" in S.SAMPLERS and "lms" not in S.SAMPLERS
+  assert ", ".join(S.SAMPLERS) == "ddpm, ddim, dpm++2m, euler_maruyama, pc, euler, heun, renoise"
+  assert tuple(S.REGISTRY) == S.SAMPLERS and len(S.SAMPLERS) == 8 and S.SAMPLERS[-1] == renoise
+  assert S.samplers_for("ddpm") == ("ddpm", "ddim", "dpm++2m", "euler_maruyama", "pc", renoise)
+  assert S.samplers_for("flow") == ("euler", "heun")
   with pytest.raises(ValueError, match=r"sampler 'renoise' is already registered"):
     S.register_sampler("renoise", _renoise_sampler)
 
 
 def test_every_registered_sampler_runs_through_sample():
-  for sampler in S.SAMPLERS:
+  for sampler in S.samplers_for("ddpm"):  # the flow samplers: tests/test_flow.py
     x, traj = _run(sampler)  # compiled already by the chain tests above
     chex.assert_shape(traj, (_steps_for(sampler) + 1, *SHAPE))
     chex.assert_tree_all_finite(traj)
@@ -566,14 +568,14 @@ def test_every_registered_sampler_runs_through_sample():
 
 
 def test_unknown_sampler_error_lists_the_registry(renoise):
-  allowed = r"allowed: ddpm, ddim, dpm\+\+2m, euler_maruyama, pc, renoise$"
+  allowed = r"allowed: ddpm, ddim, dpm\+\+2m, euler_maruyama, pc, euler, heun, renoise$"
   d, key = _diffusion(), jax.random.key(0)
-  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; " + allowed):
-    S.sample(d, _toy_model, key, SHAPE, sampler="heun")
-  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; " + allowed):
-    S.sampler_timesteps(d, 10, sampler="heun")
-  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; " + allowed):
-    S.make_sampler("heun")
+  with pytest.raises(ValueError, match=r"unknown sampler 'lms'; " + allowed):
+    S.sample(d, _toy_model, key, SHAPE, sampler="lms")
+  with pytest.raises(ValueError, match=r"unknown sampler 'lms'; " + allowed):
+    S.sampler_timesteps(d, 10, sampler="lms")
+  with pytest.raises(ValueError, match=r"unknown sampler 'lms'; " + allowed):
+    S.make_sampler("lms")
 
 
 def test_a_sampler_registered_outside_runs_through_sample(renoise):
@@ -623,12 +625,13 @@ def _conditional_config(num_classes=3, guidance_scale=2.0):
 def test_sampler_kwargs_reads_the_config():
   config = tiny.get_config()  # unconditional, DDIM, 5 steps
   want = dict(sampler="ddim", num_steps=5, eta=0.0, clip_denoised=True, guidance_scale=1.0)
-  want.update(null_label=None, temperature=1.0)
+  want.update(null_label=None, temperature=1.0, spacing=None)  # "": the sampler's own spacing
   assert S.sampler_kwargs(config) == want
   # None means "the config's value"; anything else overrides it.
   assert S.sampler_kwargs(config, sampler=None, num_steps=None, eta=None) == want
   got = S.sampler_kwargs(config, sampler="pc", num_steps=7, eta=0.5, temperature=0.7)
   assert got == {**want, "sampler": "pc", "num_steps": 7, "eta": 0.5, "temperature": 0.7}
+  assert S.sampler_kwargs(config, spacing="trailing")["spacing"] == "trailing"
   assert S.class_labels(config, 4) is None
   # Class-conditional: the null label is num_classes, guidance comes from the config.
   config = _conditional_config(num_classes=10, guidance_scale=3.0)
@@ -657,8 +660,8 @@ def test_sampler_kwargs_errors():
   config = tiny.get_config()
   with pytest.raises(ValueError, match=r"guidance_scale=3.0 needs a class-conditional model"):
     S.sampler_kwargs(config, guidance_scale=3.0)
-  with pytest.raises(ValueError, match=r"unknown sampler 'heun'; allowed: ddpm, ddim"):
-    S.sampler_kwargs(config, sampler="heun")
+  with pytest.raises(ValueError, match=r"unknown sampler 'lms'; allowed: ddpm, ddim"):
+    S.sampler_kwargs(config, sampler="lms")
   with pytest.raises(ValueError, match=r"class_label=1 needs a class-conditional model"):
     S.class_labels(config, 4, class_label=1)
   with pytest.raises(ValueError, match=r"class_label=3 must be in 0..2"):

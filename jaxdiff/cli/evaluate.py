@@ -115,6 +115,9 @@ def _kind_problems(config: Any) -> list[str]:
   if FLAGS.metric == "recon":
     return [f"--metric recon: {FLAGS.workdir} is not an autoencoder run (model.name="
             f"{config.model.name!r})"]  # fmt: skip
+  process = config.diffusion.get("process", "ddpm")
+  if FLAGS.metric == "bpd" and process != "ddpm":
+    return [f"--metric bpd: the {process} process has no bound in bits/dim yet; use fd or fid"]
   return []
 
 

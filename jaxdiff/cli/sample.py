@@ -22,7 +22,10 @@ flags.DEFINE_string("workdir", None, "The training run's directory (config.json,
 flags.DEFINE_string("out", None, "Output directory (made if missing).")
 flags.DEFINE_integer("num_samples", None, "How many images (config.sampling.num_samples).")
 flags.DEFINE_string(
-  "sampler", None, "ddpm | ddim | dpm++2m | euler_maruyama | pc (config.sampling.sampler)."
+  "sampler",
+  None,
+  "ddpm | ddim | dpm++2m | euler_maruyama | pc; a flow run: euler | heun"
+  " (config.sampling.sampler).",
 )
 flags.DEFINE_integer("steps", None, "Sampler steps (config.sampling.num_steps).")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")

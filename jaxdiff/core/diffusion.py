@@ -26,9 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.core import schedules
+from jaxdiff.core import schedules, zero_snr
 
 MEAN_TYPES = ("eps", "x0", "v")
+# What the model may predict when alpha_bar_T = 0 (zero terminal SNR): at x_T = eps an eps
+# prediction carries no information about x_0 (Lin et al. 2024, Sec. 3.2).
+ZERO_SNR_MEAN_TYPES = ("v", "x0")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 
 
@@ -38,7 +41,9 @@ class Diffusion:
 
   Attributes are named after the quantities they hold. ``timestep_map[t]`` is
   the original-schedule step the model sees for index ``t`` (the identity
-  unless the diffusion was respaced).
+  unless the diffusion was respaced). ``zero_terminal_snr``: the last beta is 1, so
+  ``alpha_bar_T = 0`` (:mod:`jaxdiff.core.zero_snr`); there ``1 / sqrt(alpha_bar)`` is inf and
+  x_0 cannot be formed from an eps prediction.
   """
 
   betas: jax.Array
@@ -49,8 +54,8 @@ class Diffusion:
   sqrt_alphas_cumprod: jax.Array
   sqrt_one_minus_alphas_cumprod: jax.Array
   log_one_minus_alphas_cumprod: jax.Array
-  sqrt_recip_alphas_cumprod: jax.Array  # 1 / sqrt(alpha_bar)
-  sqrt_recipm1_alphas_cumprod: jax.Array  # sqrt(1 / alpha_bar - 1)
+  sqrt_recip_alphas_cumprod: jax.Array  # 1 / sqrt(alpha_bar); inf where alpha_bar = 0
+  sqrt_recipm1_alphas_cumprod: jax.Array  # sqrt(1 / alpha_bar - 1); inf where alpha_bar = 0
   posterior_variance: jax.Array  # beta~_t, Ho et al. eq. 7
   posterior_log_variance_clipped: jax.Array  # log(beta~) with beta~_0 := beta~_1
   posterior_mean_coef1: jax.Array  # multiplies x_0 in mu~_t, eq. 7
@@ -60,6 +65,7 @@ class Diffusion:
   timestep_map: jax.Array  # int32: index -> step of the original schedule
   mean_type: str = flax.struct.field(pytree_node=False, default="eps")
   var_type: str = flax.struct.field(pytree_node=False, default="fixed_small")
+  zero_terminal_snr: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def num_timesteps(self) -> int:
@@ -82,7 +88,9 @@ def make_diffusion(
 
   Args:
     betas: ``[T]`` forward-process variances in (0, 1), e.g. from
-      :func:`jaxdiff.core.schedules.get_betas`.
+      :func:`jaxdiff.core.schedules.get_betas`; the last may be exactly 1 (zero terminal SNR,
+      :func:`jaxdiff.core.zero_snr.rescale_zero_terminal_snr`) if ``mean_type`` is ``v`` or
+      ``x0``.
     mean_type: what the model predicts: ``eps`` (the noise, Ho et al.),
       ``x0`` (the clean image) or ``v`` (Salimans & Ho 2022).
     var_type: reverse variance: ``fixed_small`` (posterior beta~_t),
@@ -99,8 +107,9 @@ def make_diffusion(
     raise ValueError(f"unknown mean_type {mean_type!r}; allowed: {', '.join(MEAN_TYPES)}")
   if var_type not in VAR_TYPES:
     raise ValueError(f"unknown var_type {var_type!r}; allowed: {', '.join(VAR_TYPES)}")
-  betas = schedules.validate_betas(betas)
+  betas = schedules.validate_betas(betas, terminal_one=True)
   T = betas.shape[0]
+  zero_terminal = _zero_terminal(betas, mean_type)
   if timestep_map is None:
     timestep_map = np.arange(T)
   timestep_map = np.asarray(timestep_map)
@@ -120,6 +129,9 @@ def make_diffusion(
   def cast(a: np.ndarray) -> jax.Array:
     return jnp.asarray(a, dtype=dtype)
 
+  with np.errstate(divide="ignore"):  # inf at alpha_bar = 0, as it should be
+    recip_ab = 1.0 / ab
+
   return Diffusion(
     betas=cast(betas),
     log_betas=cast(np.log(betas)),
@@ -129,8 +141,8 @@ def make_diffusion(
     sqrt_alphas_cumprod=cast(np.sqrt(ab)),
     sqrt_one_minus_alphas_cumprod=cast(np.sqrt(1.0 - ab)),
     log_one_minus_alphas_cumprod=cast(np.log(1.0 - ab)),
-    sqrt_recip_alphas_cumprod=cast(np.sqrt(1.0 / ab)),
-    sqrt_recipm1_alphas_cumprod=cast(np.sqrt(1.0 / ab - 1.0)),
+    sqrt_recip_alphas_cumprod=cast(np.sqrt(recip_ab)),
+    sqrt_recipm1_alphas_cumprod=cast(np.sqrt(recip_ab - 1.0)),
     posterior_variance=cast(post_var),
     posterior_log_variance_clipped=cast(post_log_var_clipped),
     posterior_mean_coef1=cast(betas * np.sqrt(ab_prev) / (1.0 - ab)),
@@ -140,12 +152,28 @@ def make_diffusion(
     timestep_map=jnp.asarray(timestep_map, dtype=jnp.int32),
     mean_type=mean_type,
     var_type=var_type,
+    zero_terminal_snr=zero_terminal,
   )
 
 
+def _zero_terminal(betas: np.ndarray, mean_type: str) -> bool:
+  """Whether the last beta is 1 (alpha_bar_T = 0); raises if ``mean_type`` cannot take it."""
+  if betas[-1] != 1.0:
+    return False
+  if mean_type not in ZERO_SNR_MEAN_TYPES:
+    raise ValueError(
+      f"the last beta is 1 (alpha_bar_T = 0, zero terminal SNR), which needs mean_type 'v' or"
+      f" 'x0', not {mean_type!r}: at alpha_bar_T = 0 an eps prediction does not determine x_0"
+    )
+  return True
+
+
 def from_config(config: Any) -> Diffusion:
-  """Builds a :class:`Diffusion` from a config's ``diffusion`` section."""
+  """Builds a :class:`Diffusion` from a config's ``diffusion`` section; with
+  ``zero_terminal_snr`` the schedule is rescaled to alpha_bar_T = 0 (Lin et al. 2024, Alg. 1)."""
   betas = _config_betas(config)
+  if getattr(config, "zero_terminal_snr", False):
+    betas = zero_snr.rescale_zero_terminal_snr(betas)
   return make_diffusion(betas, mean_type=config.mean_type, var_type=config.var_type)
 
 
@@ -190,8 +218,29 @@ def check_config(dcfg: Any) -> list[str]:
   need(dcfg.t_sampler in T_SAMPLERS, "t_sampler", _one_of(T_SAMPLERS))
   gamma = dcfg.min_snr_gamma
   need(_is_number(gamma) and gamma >= 0, "min_snr_gamma", "must be a number >= 0 (0 disables)")
+  problems.extend(_zero_snr_problems(dcfg))
   if not problems:  # the fields are sound one by one: now the schedule they make
     problems.extend(_schedule_problems(dcfg))
+  return problems
+
+
+def _zero_snr_problems(dcfg: Any) -> list[str]:
+  zero_terminal = getattr(dcfg, "zero_terminal_snr", False)
+  if not isinstance(zero_terminal, bool):
+    return [f"diffusion.zero_terminal_snr={zero_terminal!r}: must be a bool (True or False)"]
+  if not zero_terminal:
+    return []
+  problems = []
+  if dcfg.mean_type in MEAN_TYPES and dcfg.mean_type not in ZERO_SNR_MEAN_TYPES:
+    problems.append(
+      f"diffusion.mean_type={dcfg.mean_type!r}: diffusion.zero_terminal_snr=True needs"
+      " mean_type 'v' (or 'x0'): at alpha_bar_T = 0 an eps prediction does not determine x_0"
+    )
+  T = dcfg.num_timesteps
+  if _is_int(T) and T < 2:
+    problems.append(
+      f"diffusion.num_timesteps={T!r}: diffusion.zero_terminal_snr=True needs num_timesteps >= 2"
+    )
   return problems
 
 
@@ -367,7 +416,8 @@ def q_posterior_mean_variance(
 
 
 def predict_x0_from_eps(d: Diffusion, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-  """x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar); inverts eq. 4."""
+  """x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar); inverts eq. 4 (undefined, NaN,
+  where alpha_bar = 0: hence no eps prediction with zero terminal SNR)."""
   return (
     extract(d.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
     - extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
@@ -375,10 +425,22 @@ def predict_x0_from_eps(d: Diffusion, x_t: jax.Array, t: jax.Array, eps: jax.Arr
 
 
 def predict_eps_from_x0(d: Diffusion, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
-  """eps = (x_t / sqrt(alpha_bar) - x_0) / sqrt(1 / alpha_bar - 1); inverts eq. 4."""
-  return (extract(d.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / extract(
-    d.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+  """eps = (x_t / sqrt(alpha_bar) - x_0) / sqrt(1 / alpha_bar - 1); inverts eq. 4.
+
+  Where alpha_bar = 0 (zero terminal SNR) x_t is the noise itself: eps = x_t, whatever x_0.
+  """
+  nd = x_t.ndim
+  recip, recipm1 = (
+    extract(d.sqrt_recip_alphas_cumprod, t, nd),
+    extract(d.sqrt_recipm1_alphas_cumprod, t, nd),
   )
+  if not d.zero_terminal_snr:
+    return (recip * x_t - x0) / recipm1
+  # The inf / inf of the general form is replaced before it is formed, so that neither the
+  # value nor a gradient through the unused branch is NaN.
+  terminal = extract(d.alphas_cumprod, t, nd) == 0.0
+  recip, recipm1 = jnp.where(terminal, 1.0, recip), jnp.where(terminal, 1.0, recipm1)
+  return jnp.where(terminal, x_t, (recip * x_t - x0) / recipm1)
 
 
 def predict_v(d: Diffusion, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:

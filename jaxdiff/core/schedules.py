@@ -118,16 +118,26 @@ def get_betas(name: str, num_timesteps: int, **kwargs: float) -> np.ndarray:
   return validate_betas(betas, what=what)
 
 
-def validate_betas(betas: np.ndarray, *, what: str = "betas") -> np.ndarray:
-  """Checks a user-given beta vector; returns it as float64 ``[T]``."""
+def validate_betas(
+  betas: np.ndarray, *, what: str = "betas", terminal_one: bool = False
+) -> np.ndarray:
+  """Checks a user-given beta vector; returns it as float64 ``[T]``.
+
+  Every beta must lie in (0, 1); with ``terminal_one`` the last may also be exactly 1, the
+  zero-terminal-SNR schedules of :mod:`jaxdiff.core.zero_snr` (alpha_bar_T = 0).
+  """
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.size < 1:
     raise ValueError(f"{what}: betas must be a non-empty 1-D array, got shape {betas.shape}")
-  bad = np.flatnonzero(~((betas > 0.0) & (betas < 1.0)))
+  ok = (betas > 0.0) & (betas < 1.0)
+  if terminal_one:
+    ok[-1] |= betas[-1] == 1.0
+  bad = np.flatnonzero(~ok)
   if bad.size:
     i = int(bad[0])
+    allowed = "(0, 1), or 1 for the last beta" if terminal_one else "open interval (0, 1)"
     raise ValueError(
-      f"{what}: beta[{i}] = {float(betas[i])!r} is outside the allowed open interval (0, 1)"
+      f"{what}: beta[{i}] = {float(betas[i])!r} is outside the allowed {allowed}"
       f" ({bad.size} bad value(s))"
     )
   return betas

@@ -7,9 +7,10 @@ rescales ``sqrt(alpha_bar)`` so that ``alpha_bar_T = 0`` exactly (their Alg. 1),
 :func:`trailing_timesteps` picks the sampling steps so that the first one is the last step of the
 schedule (their Table 2). Like :mod:`jaxdiff.core.schedules`, NumPy float64.
 
-Note: the rescaled schedule has ``beta_T = 1``, which :func:`jaxdiff.core.schedules.
-validate_betas` (and so ``make_diffusion``) rejects: at alpha_bar_T = 0 an eps prediction no
-longer determines x0, and the paper trains with v prediction.
+The rescaled schedule has ``beta_T = 1``, which :func:`jaxdiff.core.diffusion.make_diffusion`
+takes only with ``mean_type`` ``v`` (the paper's choice) or ``x0``: at alpha_bar_T = 0 an eps
+prediction no longer determines x0. In a run config: ``diffusion.zero_terminal_snr = True`` and
+``sampling.spacing = "trailing"``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,12 @@ The registry (:data:`REGISTRY`, names in :data:`SAMPLERS`):
 - ``dpm++2m``: DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (S);
 - ``euler_maruyama``: the reverse VP-SDE, Song et al. 2021 (score SDE), eq. 6 (S);
 - ``pc``: Langevin corrector + ancestral / Euler-Maruyama predictor, score SDE
-  Algorithm 5 (S * (1 + n_corrector_steps)).
+  Algorithm 5 (S * (1 + n_corrector_steps));
+- ``euler`` and ``heun``: the flow process's ODE, ``dx/dt = v(x, t)`` from t = 1 to 0
+  (S and 2S model calls).
+
+A sampler implements one or more noise processes (``SamplerDef.processes``; the first five
+``ddpm``, the last two ``flow``): :func:`sample` refuses a sampler of another process.
 
 Each is a factory returning an ``init`` / ``step`` pair (:class:`Sampler`) over a
 named carry; one driver runs it as one ``jax.lax.scan`` over the S steps of the
@@ -53,6 +58,7 @@ from jaxdiff.sampling.ddim import ddim_sampler, ddim_step
 from jaxdiff.sampling.ddpm import ddpm_sampler, ddpm_step
 from jaxdiff.sampling.dpmpp import DPMState, dpmpp_2m_sampler, dpmpp_2m_step
 from jaxdiff.sampling.driver import make_sampler, sample, sample_in_chunks
+from jaxdiff.sampling.flow import euler_sampler, heun_sampler
 from jaxdiff.sampling.guidance import guided_model_output
 from jaxdiff.sampling.registry import (
   REGISTRY,
@@ -60,6 +66,7 @@ from jaxdiff.sampling.registry import (
   SamplerDef,
   get_sampler,
   register_sampler,
+  samplers_for,
 )
 from jaxdiff.sampling.sde import (
   PREDICTORS,
@@ -90,15 +97,18 @@ __all__ = [
   "dpmpp_2m_sampler",
   "dpmpp_2m_step",
   "euler_maruyama_sampler",
+  "euler_sampler",
   "euler_maruyama_step",
   "get_sampler",
   "guided_model_output",
+  "heun_sampler",
   "langevin_step",
   "make_sampler",
   "pc_sampler",
   "register_sampler",
   "sample",
   "sample_in_chunks",
+  "samplers_for",
   "check_sampling",
   "sample_from_config",
   "sampler_kwargs",

@@ -7,7 +7,7 @@ closes over its options and returns a :class:`Sampler`, the optax shape::
   carry = sampler.step(carry, i, t_index, chain)  # i = 0..S-1, t_index = S-1..0
 
 ``chain`` (:class:`Chain`) is what one sampling call gives every step: the
-(respaced) diffusion, the guided model, the sharded noise and the chain's key.
+(respaced) diffusion or a flow's grid, the guided model, the sharded noise and the chain's key.
 The driver reads and reshards ``carry.x`` after every step; anything else in
 the carry (DPM-Solver's history) is the sampler's own.
 """
@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxdiff.core.diffusion import Diffusion
+from jaxdiff.core.process import FlowGrid
 
 ModelFn = Callable[..., jax.Array]
 
@@ -28,18 +29,22 @@ class Chain(NamedTuple):
   """One sampling call's data, as every step sees it (built inside jit by the driver).
 
   Attributes:
-    d: the (respaced) diffusion; index ``t`` runs over its S steps.
+    d: the (respaced) diffusion, or a flow process's :class:`~jaxdiff.core.process.FlowGrid`;
+      index ``t`` runs over its S steps.
     model: ``model(x, t_index) -> (output, t)``: the guided model output at the
       scalar index ``t_index`` (in x's dtype) and ``t``, that index as ``[B]`` ints.
     noise: ``noise(key) -> z``, standard normal shaped and sharded like x_T.
     key: the chain's key; step ``i`` draws from ``fold_in(key, i)`` so that the
       samples do not depend on the device count.
+    model_at: ``model_at(x, t) -> output``: the guided model output at process times ``t``
+      ``[B]`` (continuous t in [0, 1] for flow), for solvers that evaluate between the levels.
   """
 
-  d: Diffusion
+  d: Diffusion | FlowGrid
   model: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
   noise: Callable[[jax.Array], jax.Array]
   key: jax.Array
+  model_at: Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class Sampler(NamedTuple):

@@ -18,7 +18,8 @@ from jaxdiff import parallel
 from jaxdiff.config import is_latent, is_text, sample_shape
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.sampling.driver import sample_in_chunks
-from jaxdiff.sampling.registry import SAMPLERS, get_sampler
+from jaxdiff.sampling.registry import SAMPLERS, check_process, get_sampler, samplers_for
+from jaxdiff.sampling.spacing import SPACINGS
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -33,12 +34,14 @@ def sampler_kwargs(
   eta: float | None = None,
   temperature: float | None = None,
   guidance_scale: float | None = None,
+  spacing: str | None = None,
 ) -> dict[str, Any]:
   """Keyword arguments for ``sample()`` / ``sample_in_chunks()`` from a run config.
 
-  Reads ``config.sampling`` (``sampler``, ``num_steps``, ``eta``,
+  Reads ``config.sampling`` (``sampler``, ``num_steps``, ``spacing``, ``eta``,
   ``clip_denoised``, ``guidance_scale``, ``temperature``); an argument given
-  here (not None) overrides the config's value. The null label of
+  here (not None) overrides the config's value. An empty ``spacing`` is the
+  sampler's own (None). The null label of
   classifier-free guidance (Ho & Salimans 2022) is ``config.data.num_classes``,
   the id a class-conditional model is trained with for "no class", and None
   for an unconditional model.
@@ -46,29 +49,31 @@ def sampler_kwargs(
   Args:
     config: a run config (``ml_collections.ConfigDict``) with ``sampling``,
       ``model.class_conditional`` and ``data.num_classes``.
-    sampler, num_steps, eta, temperature, guidance_scale: overrides, or None.
+    sampler, num_steps, eta, temperature, guidance_scale, spacing: overrides, or None.
 
   Returns:
-    dict with ``sampler``, ``num_steps``, ``eta``, ``clip_denoised``,
+    dict with ``sampler``, ``num_steps``, ``spacing``, ``eta``, ``clip_denoised``,
     ``guidance_scale``, ``null_label`` and ``temperature``. Labels, the mesh
     and the shape are the caller's (see :func:`class_labels`).
 
   Raises:
-    ValueError: an unknown sampler, or guidance (``guidance_scale != 1``) for an
-      unconditional model.
+    ValueError: an unknown sampler, one of another process (``diffusion.process``), or
+      guidance (``guidance_scale != 1``) for an unconditional model.
   """
   scfg = config.sampling
   conditional = bool(config.model.class_conditional)
   kwargs = {
     "sampler": _pick(sampler, scfg.sampler),
     "num_steps": _pick(num_steps, scfg.num_steps),
+    "spacing": _pick(spacing, scfg.get("spacing", "")) or None,
     "eta": _pick(eta, scfg.eta),
     "clip_denoised": scfg.clip_denoised,
     "guidance_scale": _pick(guidance_scale, scfg.guidance_scale),
     "null_label": config.data.num_classes if conditional else None,
     "temperature": _pick(temperature, scfg.temperature),
   }
-  get_sampler(kwargs["sampler"])  # fail before loading a checkpoint, not after
+  # Fail before loading a checkpoint, not after.
+  check_process(kwargs["sampler"], config.diffusion.get("process", "ddpm"))
   if not (conditional or is_text(config)) and kwargs["guidance_scale"] != 1.0:
     raise ValueError(
       f"guidance_scale={kwargs['guidance_scale']} needs a class-conditional model"
@@ -89,10 +94,21 @@ def check(config: Any, class_label: int | None = None) -> list[str]:
     if not ok:
       problems.append(f"sampling.{key}={scfg[key]!r}: {allowed}")
 
-  need(scfg.sampler in SAMPLERS, "sampler", f"allowed: {', '.join(SAMPLERS)}")
-  num_timesteps = config.diffusion.num_timesteps
-  steps_ok = isinstance(scfg.num_steps, int) and 1 <= scfg.num_steps <= num_timesteps
-  need(steps_ok, "num_steps", f"an integer in 1..{num_timesteps} (diffusion.num_timesteps)")
+  process = config.diffusion.get("process", "ddpm")
+  own = samplers_for(process)  # none: the diffusion check says the process is not implemented
+  if own and (scfg.sampler not in SAMPLERS or process not in get_sampler(scfg.sampler).processes):
+    of = "" if process == "ddpm" else f" for diffusion.process={process!r}"
+    need(False, "sampler", f"allowed{of}: {', '.join(own)}")
+  steps_ok = isinstance(scfg.num_steps, int) and scfg.num_steps >= 1
+  if process == "ddpm":
+    num_timesteps = config.diffusion.num_timesteps
+    steps_ok = steps_ok and scfg.num_steps <= num_timesteps
+    need(steps_ok, "num_steps", f"an integer in 1..{num_timesteps} (diffusion.num_timesteps)")
+    need(scfg.spacing in ("", *SPACINGS), "spacing",
+         f"allowed: '' (the sampler's own), {', '.join(SPACINGS)}")  # fmt: skip
+  else:  # a continuous process: any number of steps on its own grid
+    need(steps_ok, "num_steps", "an integer >= 1")
+    need(scfg.spacing == "", "spacing", f"'' for diffusion.process={process!r} (its own grid)")
   for key in ("num_samples", "batch_size"):
     need(isinstance(scfg[key], int) and scfg[key] >= 1, key, "an integer >= 1")
   for key in ("eta", "temperature", "guidance_scale"):
@@ -158,10 +174,10 @@ def sample_from_config(
   and of the empty or negative prompt (:func:`jaxdiff.prompts.conditioning`), the two branches
   of classifier-free guidance.
 
-  ``overrides`` (``sampler``, ``num_steps``, ``eta``, ``temperature``, ``guidance_scale``)
-  replace the config's values where not None. Chunks of ``batch_size`` (default
-  ``config.sampling.batch_size``, at most N) rounded up to the mesh's device count; chunk c
-  uses ``fold_in(key, c)`` (see :func:`jaxdiff.sampling.sample_in_chunks`).
+  ``overrides`` (``sampler``, ``num_steps``, ``spacing``, ``eta``, ``temperature``,
+  ``guidance_scale``) replace the config's values where not None. Chunks of ``batch_size``
+  (default ``config.sampling.batch_size``, at most N) rounded up to the mesh's device count;
+  chunk c uses ``fold_in(key, c)`` (see :func:`jaxdiff.sampling.sample_in_chunks`).
 
   Raises:
     ValueError: an option the model cannot honour (a label or guidance for an unconditional

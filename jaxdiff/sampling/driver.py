@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdiff.core.diffusion import Diffusion, model_timesteps, respace
+from jaxdiff.core import process as process_lib
+from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.parallel import DATA_AXIS, auto_mesh, constrain, to_host
 from jaxdiff.sampling import progress as progress_lib
 from jaxdiff.sampling.base import Chain, ModelFn, Sampler
 from jaxdiff.sampling.guidance import check_guidance, guided_model_output
-from jaxdiff.sampling.registry import SamplerDef, get_sampler
+from jaxdiff.sampling.registry import SamplerDef, check_process, get_sampler
 from jaxdiff.sampling.sde import check_predictor
 from jaxdiff.sampling.spacing import sampler_timesteps
 
@@ -44,18 +45,23 @@ def _chain(
   guidance: dict[str, Any],
   mesh: Mesh | None,
 ) -> Chain:
-  """What every step of one call sees: the guided model at an index, and sharded noise."""
+  """What every step of one call sees: the guided model at an index (or a process time), and
+  sharded noise."""
   B = x_T.shape[0]
+
+  def model_at(x: jax.Array, t: jax.Array) -> jax.Array:
+    s = process_lib.model_time(d, t)
+    out = guided_model_output(model_fn, x, s, labels, uncond=uncond, **guidance)
+    return out.astype(x.dtype)  # the sampler maths stay in x's dtype
 
   def model(x: jax.Array, t_index: jax.Array) -> tuple[jax.Array, jax.Array]:
     t = jnp.full((B,), t_index, jnp.int32)
-    out = guided_model_output(model_fn, x, model_timesteps(d, t), labels, uncond=uncond, **guidance)
-    return out.astype(x.dtype), t  # the sampler maths stay in x's dtype
+    return model_at(x, process_lib.level_time(d, t)), t
 
   def noise(k: jax.Array) -> jax.Array:
     return constrain(jax.random.normal(k, x_T.shape, x_T.dtype), mesh)
 
-  return Chain(d, model, noise, key)
+  return Chain(d, model, noise, key, model_at)
 
 
 def _scan(
@@ -269,7 +275,8 @@ def sample(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Draws samples ``[B, H, W, C]`` from the model.
 
-  Respaces ``d`` to ``num_steps`` (:func:`sampler_timesteps`), draws
+  Respaces ``d`` to ``num_steps`` (:func:`sampler_timesteps`; a flow process: its grid of
+  ``num_steps`` steps, :meth:`jaxdiff.core.process.FlowMatching.grid`), draws
   ``x_T ~ N(0, I)`` from ``split(key)[0]`` unless given, and runs the jitted
   sampler (compiled once per sampler options, shape and number of steps) with
   per-step keys ``fold_in(split(key)[1], i)``.
@@ -279,13 +286,15 @@ def sample(
   ``jax.tree_util.Partial(apply_fn, params)`` with ``apply_fn(params, x, t[, y])``.
 
   Args:
-    d: the diffusion the model was trained with (or a respaced one).
+    d: the diffusion the model was trained with (or a respaced one), or a
+      :class:`~jaxdiff.core.process.FlowMatching` process.
     model_fn: ``model_fn(x, t) -> output``; ``model_fn(x, t, y)`` when ``labels`` are given.
     key: PRNG key.
     shape: ``(B, H, W, C)``.
-    sampler: one of :data:`SAMPLERS`.
-    num_steps: number of steps (None: all T of ``d``).
-    spacing: which steps to keep, see :func:`sampler_timesteps` (None: the sampler's default).
+    sampler: one of :data:`SAMPLERS` that samples ``d``'s process.
+    num_steps: number of steps (None: all T of ``d``; a flow needs a number).
+    spacing: which steps to keep, see :func:`sampler_timesteps` (None: the sampler's default;
+      ddpm only).
     eta: DDIM's eta.
     clip_denoised: clip x_0 estimates to [-1, 1].
     guidance_scale: classifier-free guidance scale (needs ``labels`` and ``null_label``).
@@ -314,11 +323,9 @@ def sample(
       or ``x_T`` / ``labels`` of the wrong shape.
   """
   shape = tuple(int(s) for s in shape)
-  steps = sampler_timesteps(d, num_steps, sampler=sampler, spacing=spacing)
+  d = _discretize(d, sampler, num_steps, spacing)
   check_guidance(guidance_scale, labels, null_label, uncond)
   _check_mesh(mesh, shape[0])
-  if len(steps) != d.num_timesteps:
-    d = respace(d, steps)
   mesh = None if mesh is None else auto_mesh(mesh)
   key_T, key_steps = jax.random.split(key)
   x_T, labels, uncond = _start(key_T, shape, x_T, labels, uncond, mesh)
@@ -344,6 +351,17 @@ def sample(
   with _reporting(progress, d.num_timesteps):
     out = fn(d, model_fn, key_steps, x_T, labels, uncond)
     return jax.block_until_ready(out) if progress else out
+
+
+def _discretize(d: Any, sampler: str, num_steps: int | None, spacing: str | None) -> Any:
+  """The sampler's S steps of the process: a respaced diffusion, or a flow's grid."""
+  process = process_lib.name(d)
+  check_process(sampler, process)
+  if process != "ddpm" and spacing is not None:
+    raise ValueError(f"spacing={spacing!r} is the ddpm chain's; a {process} steps on its own grid")
+  return process_lib.discretize(
+    d, num_steps, lambda d, n: sampler_timesteps(d, n, sampler=sampler, spacing=spacing)
+  )
 
 
 @contextlib.contextmanager
@@ -402,7 +420,8 @@ def sample_in_chunks(
   labels = jax.tree.map(np.asarray, _conditioning(labels, "labels", num_samples))
   uncond = jax.tree.map(np.asarray, _conditioning(uncond, "uncond", num_samples))
   num_chunks = math.ceil(num_samples / batch_size)
-  num_steps = kwargs.get("num_steps") or d.num_timesteps  # sampler_timesteps keeps exactly N
+  # sampler_timesteps keeps exactly N; a flow needs N (sample() says so if it is missing).
+  num_steps = kwargs.get("num_steps") or getattr(d, "num_timesteps", 1)
   outs, trajs = [], []
   with progress_lib.step_bar(num_steps * num_chunks, enabled=progress) as bar:
     on_step = bar.update if progress else False

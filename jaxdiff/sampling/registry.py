@@ -4,7 +4,7 @@ Adding a sampler is one file holding its step maths and a factory
 ``factory(**options) -> Sampler`` (see :mod:`jaxdiff.sampling.base`), and one
 line here (or a :func:`register_sampler` call from outside the package)::
 
-  "heun": SamplerDef(heun_sampler, "sections", ("clip_denoised", "s_churn")),
+  "restart": SamplerDef(restart_sampler, "sections", ("clip_denoised", "s_churn")),
 
 :func:`~jaxdiff.sampling.make_sampler` passes the factory only the options it
 lists; an option that is not one of ``make_sampler``'s keywords (``s_churn``
@@ -20,6 +20,7 @@ from jaxdiff.sampling.base import Sampler
 from jaxdiff.sampling.ddim import ddim_sampler
 from jaxdiff.sampling.ddpm import ddpm_sampler
 from jaxdiff.sampling.dpmpp import dpmpp_2m_sampler
+from jaxdiff.sampling.flow import euler_sampler, heun_sampler
 from jaxdiff.sampling.sde import euler_maruyama_sampler, pc_sampler
 
 
@@ -28,13 +29,16 @@ class SamplerDef(NamedTuple):
 
   Attributes:
     factory: ``factory(**options) -> Sampler``, called once per set of options, outside jit.
-    spacing: which steps it visits by default, one of :data:`~jaxdiff.sampling.SPACINGS`.
+    spacing: which steps it visits by default, one of :data:`~jaxdiff.sampling.SPACINGS`
+      (a ddpm sampler's; a flow sampler steps on its process's grid).
     options: the keyword options ``factory`` takes.
+    processes: the noise processes (``diffusion.process``) whose maths it implements.
   """
 
   factory: Callable[..., Sampler]
   spacing: str = "sections"
   options: tuple[str, ...] = ()
+  processes: tuple[str, ...] = ("ddpm",)
 
 
 _NOISY = ("clip_denoised", "temperature")
@@ -46,6 +50,8 @@ REGISTRY: dict[str, SamplerDef] = {
   "dpm++2m": SamplerDef(dpmpp_2m_sampler, "logsnr", ("clip_denoised",)),
   "euler_maruyama": SamplerDef(euler_maruyama_sampler, "sections", _NOISY),
   "pc": SamplerDef(pc_sampler, "sections", _PC),
+  "euler": SamplerDef(euler_sampler, "sections", ("clip_denoised",), ("flow",)),
+  "heun": SamplerDef(heun_sampler, "sections", ("clip_denoised",), ("flow",)),
 }
 
 
@@ -83,15 +89,30 @@ def get_sampler(name: str) -> SamplerDef:
   return REGISTRY[name]
 
 
+def samplers_for(process: str) -> tuple[str, ...]:
+  """The registered samplers of a noise process, in registration order."""
+  return tuple(n for n, definition in REGISTRY.items() if process in definition.processes)
+
+
+def check_process(name: str, process: str) -> None:
+  """Raises unless sampler ``name`` implements ``process`` (``ddpm``, ``flow``)."""
+  if process not in get_sampler(name).processes:
+    raise ValueError(
+      f"sampler {name!r} does not sample the {process} process; its samplers:"
+      f" {', '.join(samplers_for(process)) or 'none'}"
+    )
+
+
 def register_sampler(
   name: str,
   factory: Callable[..., Sampler],
   *,
   spacing: str = "sections",
   options: Sequence[str] = (),
+  processes: Sequence[str] = ("ddpm",),
 ) -> SamplerDef:
   """Adds a sampler to :data:`REGISTRY` (and so to :data:`SAMPLERS`); names are not reused."""
   if name in REGISTRY:
     raise ValueError(f"sampler {name!r} is already registered")
-  REGISTRY[name] = SamplerDef(factory, spacing, tuple(options))
+  REGISTRY[name] = SamplerDef(factory, spacing, tuple(options), tuple(processes))
   return REGISTRY[name]

@@ -1,13 +1,15 @@
-"""Which steps of the diffusion a sampler visits: even sections, DDIM's stride, uniform logSNR."""
+"""Which steps of the diffusion a sampler visits: even sections, DDIM's stride, uniform logSNR,
+trailing."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from jaxdiff.core.diffusion import Diffusion, space_timesteps
-from jaxdiff.sampling.registry import get_sampler
+from jaxdiff.core.zero_snr import trailing_timesteps
+from jaxdiff.sampling.registry import check_process, get_sampler
 
-SPACINGS = ("sections", "ddim", "logsnr")
+SPACINGS = ("sections", "ddim", "logsnr", "trailing")
 
 
 def sampler_timesteps(
@@ -28,7 +30,11 @@ def sampler_timesteps(
     Time-uniform steps leave one wide logSNR gap at the clean end, where the
     multistep extrapolation of x0_hat is least accurate (measured on
     N(0.3, 0.5^2) data with the exact model, 20 steps: sample std 0.48
-    time-uniform, 0.506 logSNR-uniform).
+    time-uniform, 0.506 logSNR-uniform). With zero terminal SNR (lambda_T = -inf) the last
+    step is kept and the others are uniform in lambda over the rest.
+  - ``trailing``: ``round(T - i T / N) - 1`` for i = 0..N-1 (Lin et al. 2024, Table 2): the
+    first step is the schedule's last, where a zero-terminal-SNR model has seen pure noise, and
+    the steps are evenly spaced from there (index 0 is kept only when N = T).
 
   Args:
     d: the diffusion to respace.
@@ -43,6 +49,7 @@ def sampler_timesteps(
     ValueError: unknown sampler or spacing, or ``num_steps`` outside 1..T.
   """
   default = get_sampler(sampler).spacing  # raises for an unknown sampler
+  check_process(sampler, "ddpm")
   spacing = default if spacing is None else spacing
   if spacing not in SPACINGS:
     raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
@@ -55,7 +62,12 @@ def sampler_timesteps(
       " pass None to use all of them"
     )
   if spacing == "logsnr":
-    return _logsnr_timesteps(d, num_steps)
+    if d.zero_terminal_snr and num_steps > 1:  # lambda_T = -inf: uniform over the rest
+      rest = [0] if num_steps == 2 else _logsnr_timesteps(d, num_steps - 1, T - 1)
+      return [*rest, T - 1]
+    return _logsnr_timesteps(d, num_steps, T)
+  if spacing == "trailing":
+    return trailing_timesteps(T, num_steps)
   if spacing == "ddim":
     try:
       return space_timesteps(T, f"ddim{num_steps}")
@@ -64,13 +76,13 @@ def sampler_timesteps(
   return space_timesteps(T, num_steps)
 
 
-def _logsnr_timesteps(d: Diffusion, n: int) -> list[int]:
-  """``n`` distinct indices, both ends kept, nearest to uniform steps in lambda (Lu et al. 2022)."""
-  T = d.num_timesteps
-  ab = np.asarray(d.alphas_cumprod, np.float64)
-  neg_lam = -0.5 * (np.log(ab) - np.asarray(d.log_one_minus_alphas_cumprod, np.float64))
+def _logsnr_timesteps(d: Diffusion, n: int, T: int) -> list[int]:
+  """``n`` distinct indices of the first ``T`` of ``d``, both ends kept, nearest to uniform steps
+  in lambda (Lu et al. 2022)."""
   if n == 1:
     return [T - 1]
+  ab = np.asarray(d.alphas_cumprod, np.float64)[:T]
+  neg_lam = -0.5 * (np.log(ab) - np.asarray(d.log_one_minus_alphas_cumprod, np.float64)[:T])
   targets = np.linspace(neg_lam[0], neg_lam[-1], n)  # increasing, like neg_lam
   # Nearest index to each target, then nudged apart: near t = 0 lambda moves
   # fast and several targets can share an index.

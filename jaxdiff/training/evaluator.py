@@ -72,6 +72,10 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     )
   need(not ecfg.best_metric or ecfg.best_metric in BEST_METRICS, "best_metric",
        f"must be '' or one of {', '.join(BEST_METRICS)}")  # fmt: skip
+  process = config.diffusion.get("process", "ddpm")
+  if process != "ddpm":
+    need(ecfg.bpd_examples == 0, "bpd_examples",
+         f"must be 0 for diffusion.process={process!r} (no bound yet)")  # fmt: skip
   needs = {"bpd": ecfg.bpd_examples, "fd": ecfg.fd_samples}
   if ecfg.best_metric in needs and (ecfg.every <= 0 or needs[ecfg.best_metric] <= 0):
     field = "bpd_examples" if ecfg.best_metric == "bpd" else "fd_samples"

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from jaxdiff import models, parallel
-from jaxdiff.core import diffusion as diffusion_lib
+from jaxdiff.core import process as process_lib
 from jaxdiff.core import timesteps
 from jaxdiff.io import checkpoints, files
 
@@ -72,15 +72,16 @@ def ema_decay(cfg: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
 
 def build(
   config: ml_collections.ConfigDict,
-) -> tuple[nnx.GraphDef, Any, optax.GradientTransformation, diffusion_lib.Diffusion]:
-  """The model's graphdef and abstract params, the optimizer, and the diffusion."""
+) -> tuple[nnx.GraphDef, Any, optax.GradientTransformation, process_lib.Process]:
+  """The model's graphdef and abstract params, the optimizer, and the noise process (a
+  ``Diffusion`` for ddpm; :func:`jaxdiff.core.process.from_config`)."""
   abstract = nnx.eval_shape(lambda: models.build_model(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract)
   return (
     graphdef,
     abstract_params,
     make_optimizer(config.training),
-    diffusion_lib.from_config(config.diffusion),
+    process_lib.from_config(config.diffusion),
   )
 
 
@@ -90,13 +91,14 @@ def init_state(
   """A fresh state; EMA starts as a copy of the params (not shared buffers, for donation)."""
   model = models.build_model(config, rngs=nnx.Rngs(params=key))
   params = nnx.state(model)
-  history = None
-  if config.diffusion.t_sampler == "importance":
-    history = timesteps.init(config.diffusion.num_timesteps)
-  elif config.diffusion.t_sampler != "uniform":
+  dcfg, history = config.diffusion, None
+  allowed = process_lib.T_SAMPLERS.get(dcfg.get("process", "ddpm"), ())
+  if dcfg.t_sampler not in allowed:
     raise ValueError(
-      f"unknown diffusion.t_sampler {config.diffusion.t_sampler!r}; allowed: uniform, importance"
+      f"unknown diffusion.t_sampler {dcfg.t_sampler!r}; allowed: {', '.join(allowed)}"
     )
+  if dcfg.t_sampler == "importance":  # ddpm's only
+    history = timesteps.init(dcfg.num_timesteps)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,

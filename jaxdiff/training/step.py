@@ -20,8 +20,8 @@ from jax.sharding import Mesh
 
 from jaxdiff import models, parallel
 from jaxdiff.config import is_latent, is_text
-from jaxdiff.core import diffusion as diffusion_lib
-from jaxdiff.core import losses, timesteps
+from jaxdiff.core import process as process_lib
+from jaxdiff.core import timesteps
 from jaxdiff.training import autoencoder
 from jaxdiff.training.state import TrainState, ema_decay, learning_rate_schedule
 
@@ -29,17 +29,18 @@ StepFn = Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainStat
 
 
 def make_loss_fn(
-  config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, diffusion: diffusion_lib.Diffusion
+  config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, diffusion: process_lib.Process
 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
   """``loss_fn(params, images, y, t, noise, weights, key) -> (mean loss, terms)``, ``y`` the
-  model's conditioning (:func:`conditioning`)."""
+  model's conditioning (:func:`conditioning`), the loss the process's
+  (:func:`jaxdiff.core.process.training_losses`)."""
   dcfg = config.diffusion
   apply = models.Apply(graphdef)
   # Latents are continuous: the bound's L_0 is a density there, not 8-bit bins.
   decoder = "gaussian" if is_latent(config) else "discretized"
 
   def loss_fn(params, images, y, t, noise, weights, key):
-    terms = losses.training_losses(
+    terms = process_lib.training_losses(
       diffusion,
       lambda x, s: apply(params, x, s, y, key=key),
       images,
@@ -89,7 +90,7 @@ def _diffusion_inputs(config, diffusion, graphdef) -> tuple[Callable, Callable]:
   def inputs(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
     key_t, key_noise, key_model = jax.random.split(key, 3)
     images = batch["image"]
-    draw = timesteps.draw(key_t, key_noise, images, diffusion.num_timesteps, state.loss_history)
+    draw = process_lib.draw(diffusion, key_t, key_noise, images, state.loss_history)
     y = conditioning(config, batch)
     return (images, y, draw.t, draw.noise, draw.weights), key_model
 
@@ -124,7 +125,7 @@ def make_train_step(
   config: ml_collections.ConfigDict,
   graphdef: nnx.GraphDef,
   optimizer: optax.GradientTransformation,
-  diffusion: diffusion_lib.Diffusion,
+  diffusion: process_lib.Process,
 ) -> StepFn:
   """The pure train step ``(state, batch, key) -> (state, metrics)``.
 

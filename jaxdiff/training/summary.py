@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,16 +34,15 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
   ).shape[1:]
   step_fn = jit_train_step(make_train_step(config, graphdef, optimizer, diffusion), mesh, shardings)
   lines = [
-    f"model: {config.model.name}   diffusion: T={diffusion.num_timesteps} "
-    f"{config.diffusion.schedule}, mean={diffusion.mean_type}, var={diffusion.var_type}, "
-    f"loss={config.diffusion.loss_type}",
+    f"model: {config.model.name}   diffusion: {_process_line(config.diffusion, diffusion)}",
     f"parameters: {models.count_params(abstract_params):,}",
   ]
   table = models.param_table(abstract_params, depth=1)
   width = max((len(name) for name, _ in table), default=10)
   lines += [f"  {name:<{width}}  {count:>12,}" for name, count in table]
   lines += [
-    f"input:  x_t {list(shape)} float32, t [{tcfg.batch_size}] int32",
+    f"input:  x_t {list(shape)} float32, t [{tcfg.batch_size}] "
+    f"{'int32' if config.diffusion.process == 'ddpm' else 'float32'}",
     f"output: {[tcfg.batch_size, *out_shape]} float32",
     f"devices: {mesh.size} ({jax.devices()[0].platform}), processes: {jax.process_count()}",
     f"batch: global {tcfg.batch_size}, per process {local_batch}, "
@@ -65,3 +66,13 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
   except Exception as e:  # memory analysis is backend-dependent
     lines.append(f"memory per step: unavailable ({type(e).__name__}: {e})")
   return "\n".join(lines)
+
+
+def _process_line(dcfg: Any, diffusion: Any) -> str:
+  if dcfg.process == "flow":
+    return f"flow, t {dcfg.t_sampler} shifted by {dcfg.time_shift:g}, loss={dcfg.loss_type}"
+  zero_snr = ", zero terminal SNR" if diffusion.zero_terminal_snr else ""
+  return (
+    f"T={diffusion.num_timesteps} {dcfg.schedule}{zero_snr}, mean={diffusion.mean_type},"
+    f" var={diffusion.var_type}, loss={dcfg.loss_type}"
+  )

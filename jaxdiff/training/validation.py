@@ -9,7 +9,7 @@ value and what is allowed::
   model.attn_resolutions=(13,): each must be one of the U-Net's resolutions 28, 14, 7
 
 and :func:`validate` raises them together as one :class:`ConfigError`. Each room checks its own
-section (``config.check_schema``, ``models.check_config``, ``core.diffusion.check_config``,
+section (``config.check_schema``, ``models.check_config``, ``core.process.check_config``,
 ``sampling.check_sampling``, the evaluator's ``problems``); the training and data sections are
 checked here. Nothing is compiled or allocated: the model is traced with ``eval_shape`` only.
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxdiff import config as config_lib
 from jaxdiff import latent, models, prompts
-from jaxdiff.core import diffusion, losses
+from jaxdiff.core import diffusion, losses, process
 from jaxdiff.data import preparation
 from jaxdiff.io import files
 from jaxdiff.sampling import check_sampling
@@ -92,8 +92,9 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     config = prompts.resolve(config)
   lines += autoencoder.problems(config)
   lines += models.check_config(config)
-  lines += diffusion.check_config(config.diffusion)
-  lines += _loss_problems(config.diffusion)
+  lines += process.check_config(config.diffusion)
+  if config.diffusion.process == "ddpm":
+    lines += _loss_problems(config.diffusion)
   lines += training_problems(config, num_devices)
   lines += check_sampling(config)
   lines += evaluator.problems(config)
