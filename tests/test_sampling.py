@@ -44,9 +44,10 @@ def _diffusion(mean_type="eps", var_type="fixed_small"):
   return D.make_diffusion(BETAS, mean_type=mean_type, var_type=var_type)
 
 
-def _gaussian_model(mean_type="eps"):
-  """E[target | x_t] for x_0 ~ N(MU, SD^2); ``t`` is the original-schedule step."""
-  ab_all = jnp.asarray(AB, jnp.float32)
+def _gaussian_model(mean_type="eps", alpha_bar=AB):
+  """E[target | x_t] for x_0 ~ N(MU, SD^2); ``t`` is the original-schedule step of the schedule
+  with cumulative products ``alpha_bar`` (at alpha_bar = 0, x0_hat = MU and v = -MU)."""
+  ab_all = jnp.asarray(alpha_bar, jnp.float32)
 
   def model_fn(x, t):
     ab = ab_all[t].reshape(-1, *([1] * (x.ndim - 1)))

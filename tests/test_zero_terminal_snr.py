@@ -22,13 +22,13 @@ from jaxdiff.training import validation
 from tests import reference as ref
 from tests import reference_continuous as refc
 from tests.conftest import tiny_config
+from tests.test_sampling import MU, SD, _gaussian_model
 from tests.tiny_steps import train_step_and_sample
 
 T = 1000
 BETAS = refc.zero_terminal_snr(ref.betas("linear", T))  # float64, betas[-1] == 1
 AB = ref.alpha_bar(BETAS)
 TS = np.array([0, 1, 500, T - 3, T - 2, T - 1])
-MU, SD = 0.3, 0.5
 
 
 @functools.cache
@@ -37,21 +37,8 @@ def _diffusion(mean_type="v", var_type="fixed_small"):
   return D.make_diffusion(betas, mean_type=mean_type, var_type=var_type)
 
 
-def _gaussian_model(mean_type):
-  """E[target | x_t] for x_0 ~ N(MU, SD^2): finite at alpha_bar = 0, where x0_hat = MU."""
-  ab_all = jnp.asarray(AB, jnp.float32)
-
-  def model_fn(x, t):
-    ab = ab_all[t].reshape(-1, *([1] * (x.ndim - 1)))
-    denom = ab * SD**2 + 1 - ab
-    eps = jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * MU) / denom
-    x0 = MU + jnp.sqrt(ab) * SD**2 * (x - jnp.sqrt(ab) * MU) / denom
-    return {"x0": x0, "v": jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0}[mean_type]
-
-  return model_fn
-
-
-GAUSSIAN = {m: _gaussian_model(m) for m in D.ZERO_SNR_MEAN_TYPES}
+# E[target | x_t] for x_0 ~ N(MU, SD^2), finite at alpha_bar = 0 (test_sampling's, this schedule)
+GAUSSIAN = {m: _gaussian_model(m, AB) for m in D.ZERO_SNR_MEAN_TYPES}
 
 
 def _rand(shape, seed):
