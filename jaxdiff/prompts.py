@@ -153,7 +153,7 @@ def _frozen_width(config: ml_collections.ConfigDict) -> int:
     return text_lib.bert_sizes(encoder_folder(config))["hidden_size"]
   if not config.text.encoder_path:
     raise ValueError("text.encoder_path is empty: name the .npz of precomputed embeddings")
-  table = _load_file(str(Path(config.text.encoder_path).expanduser()))
+  table = _embedding_file(config)
   if table.max_length != config.text.max_length:
     raise ValueError(
       f"text.max_length={config.text.max_length}: the embeddings in {table.path} have"
@@ -202,13 +202,18 @@ def encoder(config: ml_collections.ConfigDict) -> Any:
   if kind == "transformer":
     return _ByteTokens(int(config.text.max_length))
   if kind == "file":
-    return _load_file(str(Path(config.text.encoder_path).expanduser()))
+    return _embedding_file(config)
   return _load(str(encoder_folder(config)), int(config.text.max_length))
 
 
 @functools.cache
 def _load(folder: str, max_length: int) -> text_lib.TextEncoder:
   return text_lib.TextEncoder.load(folder, max_length=max_length)
+
+
+def _embedding_file(config: ml_collections.ConfigDict) -> text_files.EmbeddingFile:
+  """A ``file`` run's embeddings (``text.encoder_path``), read once per process."""
+  return _load_file(str(Path(config.text.encoder_path).expanduser()))
 
 
 @functools.cache
