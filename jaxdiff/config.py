@@ -138,8 +138,10 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()
   # "ddpm" (the discrete chain) | "flow" (rectified flow; samplers "euler", "heun");
-  # "vdm" and "edm" are not implemented yet. Flow reads t_sampler, loss_type (mse, l1, huber)
-  # and the fields from logit_mean on; the others are ddpm's.
+  # "edm" (Karras et al. 2022; samplers "heun", "euler", "edm_stochastic"). Flow reads
+  # t_sampler, loss_type (mse, l1, huber) and logit_mean..time_shift; EDM reads sigma_data..rho;
+  # "vdm" (Kingma et al. 2021; samplers "vdm", "vdm_ddim") reads t_sampler and vdm_schedule..
+  # fourier_features; the others are ddpm's.
   diffusion.process = "ddpm"
   diffusion.schedule = "linear"  # see jaxdiff.core.schedules.SCHEDULES
   diffusion.num_timesteps = 1000
@@ -151,7 +153,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.var_type = "fixed_large"  # "fixed_small" | "fixed_large" | "learned" | "learned_range"
   diffusion.loss_type = "mse"  # "mse" | "l1" | "huber" | "kl" | "hybrid"
   diffusion.min_snr_gamma = 0.0  # > 0 enables min-SNR-gamma weighting
-  diffusion.t_sampler = "uniform"  # "uniform" | "importance" (ddpm) | "logit_normal" (flow)
+  # How training draws t; "" = the process's own: uniform (ddpm, flow), log_normal (edm),
+  # low_discrepancy (vdm). Else "uniform" | "importance" (ddpm) | "logit_normal" (flow).
+  diffusion.t_sampler = ""
   # Rescale the schedule to alpha_bar_T = 0 (Lin et al. 2024); needs mean_type "v" (or "x0").
   diffusion.zero_terminal_snr = False
   # Flow: logit-normal training times sigmoid(m + s n) (SD3 eq. 19), and the shift
@@ -159,6 +163,25 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.logit_mean = 0.0
   diffusion.logit_std = 1.0
   diffusion.time_shift = 1.0
+  # EDM (Karras et al. 2022; t_sampler log_normal, loss_type "mse"): the data's std (0.5 for
+  # [-1, 1]), ln sigma ~ N(p_mean, p_std^2) in training, and the sampling grid's sigma range and
+  # rho (eq. 5), which also map c_noise onto the backbone's time range.
+  diffusion.sigma_data = 0.5
+  diffusion.p_mean = -1.2
+  diffusion.p_std = 1.2
+  diffusion.sigma_min = 0.002
+  diffusion.sigma_max = 80.0
+  diffusion.rho = 7.0
+  # VDM (process "vdm"; Kingma et al. 2021): t_sampler low_discrepancy (VDM's) | "uniform";
+  # the schedule gamma(t) "learned" (a monotone network, in the model's params) | "fixed" (the
+  # line); gamma_min, gamma_max: the fixed ends, the learned ones' start; vdm_timesteps T > 0:
+  # the T-step loss, 0: continuous time; fourier_features: sin/cos(2^n pi z), n = 7, 8, as
+  # extra input channels.
+  diffusion.vdm_schedule = "learned"
+  diffusion.gamma_min = -13.3
+  diffusion.gamma_max = 5.0
+  diffusion.vdm_timesteps = 0
+  diffusion.fourier_features = False
 
   # ---------------------------------------------------------------- training
   config.training = training = ml_collections.ConfigDict()
@@ -186,13 +209,20 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- sampling
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"  # ddpm: "ddpm" | "ddim" | "dpm++2m" | "euler_maruyama" | "pc";
-  # flow: "euler" | "heun"
+  # flow: "euler" | "heun" (also ddim, dpm++2m); edm: "heun" | "euler" | "edm_stochastic";
+  # ddpm also "heun" | "euler" | "edm_stochastic" on the chain's sigma grid (Karras et al. eq. 4)
   sampling.num_steps = 50
   sampling.spacing = ""  # "" = the sampler's own | "sections" | "ddim" | "logsnr" | "trailing"
   sampling.eta = 0.0
   sampling.clip_denoised = True
   sampling.guidance_scale = 1.0
   sampling.temperature = 1.0
+  # edm_stochastic (Karras et al. 2022, Alg. 2): churn over the sigma window [s_tmin, s_tmax]
+  # (s_tmax = 0: no upper bound) and the added noise's scale.
+  sampling.s_churn = 0.0
+  sampling.s_tmin = 0.0
+  sampling.s_tmax = 0.0
+  sampling.s_noise = 1.0
   sampling.num_samples = 64
   sampling.batch_size = 256  # per chunk, global
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxdiff import text as text_lib
 from jaxdiff import text_files
+from jaxdiff.checks import is_int
 from jaxdiff.config import is_text
 from jaxdiff.data import captions as captions_lib
 from jaxdiff.data import sources
@@ -119,7 +120,7 @@ def _transformer_problems(tt: ml_collections.ConfigDict) -> list[str]:
   lines = []
   for key in ("width", "depth", "num_heads"):
     v = tt[key]
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    if not is_int(v, 1):
       lines.append(f"text.transformer.{key}={v!r}: must be an int >= 1")
   if not lines and tt.width % tt.num_heads:
     lines.append(

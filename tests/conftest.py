@@ -75,6 +75,22 @@ def tiny_config(image_dir, **overrides):
   return config
 
 
+def tiny_config_file(path: Path, image_dir: Path, **settings) -> Path:
+  """A config file at ``path``: configs/tiny.py on the ``image_dir`` images, then
+  ``config.SECTION.KEY = value`` for each ``SECTION__KEY=value`` of ``settings``; for the
+  commands' tests."""
+  lines = [
+    "from jaxdiff.config import from_file\n\n\ndef get_config():",
+    f"  config = from_file({str(ROOT / 'configs' / 'tiny.py')!r})",
+    "  config.data.name = 'image_folder'",
+    f"  config.data.image_folder = {str(image_dir)!r}",
+    *(f"  config.{k.replace('__', '.')} = {v!r}" for k, v in settings.items()),
+    "  return config",
+  ]
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
 @pytest.fixture(scope="session")
 def tiny_run(image_dir, classifier_path, tmp_path_factory):
   """A tiny class-conditional run (two classes) trained 2 steps, shared by the tests that read a

@@ -84,6 +84,49 @@ def vdm_decoder_logprobs(z0, gamma_0, values):
   return out
 
 
+def vdm_bound_terms(x, eps, t, gamma, eps_model, num_steps=0, eps_0=None):
+  """The three terms of VDM's negative ELBO (Kingma et al. 2021, Sec. 4) in bits/dim, per
+  example, from scalar float64 maths: gamma(t) a Python function, gamma'(t) by central
+  differences, z_t = alpha_t x + sigma_t eps, eps_model(z_t, t) the prediction; the decoder's
+  -log p(x | z_0) read off :func:`vdm_decoder_logprobs`."""
+  B, D = x.shape[0], x[0].size
+  values = np.arange(256) / 127.5 - 1
+  eps_0 = eps if eps_0 is None else eps_0
+  out = {"prior": [], "reconstruction": [], "diffusion": []}
+  for b in range(B):
+    out["prior"].append(vdm_prior_kl(x[b], gamma(1.0)))
+    g0 = gamma(0.0)
+    z0 = math.sqrt(sigmoid(-g0)) * x[b] + math.sqrt(sigmoid(g0)) * eps_0[b]
+    logp = vdm_decoder_logprobs(z0, g0, values)
+    k = np.round((x[b] + 1) * 127.5).astype(int)
+    out["reconstruction"].append(-np.take_along_axis(logp, k[..., None], -1).sum())
+    tb = t[b]
+    if num_steps:
+      tb = max(math.ceil(tb * num_steps), 1) / num_steps
+    gt = gamma(tb)
+    zt = math.sqrt(sigmoid(-gt)) * x[b] + math.sqrt(sigmoid(gt)) * eps[b]
+    mse = np.sum((eps[b] - eps_model(zt, tb)) ** 2)
+    if num_steps:  # (SNR(s) / SNR(t) - 1) T / 2, with SNR = exp(-gamma)
+      snr_ratio = math.exp(-gamma(tb - 1 / num_steps)) / math.exp(-gt)
+      out["diffusion"].append(0.5 * num_steps * (snr_ratio - 1) * mse)
+    else:
+      out["diffusion"].append(0.5 * derivative(gamma, tb) * mse)
+  return {k: np.array(v) / (D * math.log(2)) for k, v in out.items()}
+
+
+def vdm_posterior_step(z_t, x_hat, gamma_t, gamma_s, noise):
+  """z_s ~ q(z_s | z_t, x = x_hat) (Kingma et al. 2021, Sec. 3.3): alpha_{t|s} = alpha_t /
+  alpha_s, sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2, mean alpha_{t|s} sigma_s^2 /
+  sigma_t^2 z_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x_hat, variance sigma_{t|s}^2 sigma_s^2 /
+  sigma_t^2."""
+  a_t, s_t = math.sqrt(sigmoid(-gamma_t)), math.sqrt(sigmoid(gamma_t))
+  a_s, s_s = math.sqrt(sigmoid(-gamma_s)), math.sqrt(sigmoid(gamma_s))
+  a_ts = a_t / a_s
+  var_ts = s_t**2 - a_ts**2 * s_s**2
+  mean = a_ts * s_s**2 / s_t**2 * z_t + a_s * var_ts / s_t**2 * x_hat
+  return mean + math.sqrt(var_ts * s_s**2 / s_t**2) * noise
+
+
 # ----------------------------------------------------------------------------- EDM
 
 
@@ -116,6 +159,27 @@ def edm_step(x, sigma, sigma_next, denoise, gamma=0.0, z=None, s_noise=1.0):
     d_prime = (x_next - denoise(x_next, sigma_next)) / sigma_next
     x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_prime)
   return x_next
+
+
+def edm_network_time(sigma, sigma_min=0.002, sigma_max=80.0, scale=1000.0):
+  """jaxdiff's time for an EDM backbone: ln sigma affinely from [ln sigma_min, ln sigma_max] to
+  [0, scale] (c_noise = ln(sigma) / 4 rescaled)."""
+  span = math.log(sigma_max) - math.log(sigma_min)
+  return scale * (math.log(sigma) - math.log(sigma_min)) / span
+
+
+def edm_process_loss(network, y, sigma, noise, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
+  """Per example: lambda(sigma) mean((D(y + sigma n) - y)^2) with D = c_skip x + c_out
+  network(c_in x, time), Karras et al. 2022 eq. 2, 7, 8 and Table 1; ``network(x, time)`` on one
+  example."""
+  out = []
+  for yi, s, ni in zip(y, sigma, noise, strict=True):
+    c_skip, c_out, c_in, _ = edm_precond(s, sigma_data)
+    x = yi + s * ni
+    d = c_skip * x + c_out * network(c_in * x, edm_network_time(s, sigma_min, sigma_max))
+    weight = (s**2 + sigma_data**2) / (s * sigma_data) ** 2
+    out.append(weight * np.mean((d - yi) ** 2))
+  return np.array(out)
 
 
 # ----------------------------------------------------------------------------- Gaussian data
@@ -196,3 +260,57 @@ def flow_ode(x, grid, velocity, method):
     x_euler = x + (t_next - t) * v
     x = x_euler if method == "euler" else x + (t_next - t) * (v + velocity(x_euler, t_next)) / 2
   return x
+
+
+def flow_ddim(x, grid, velocity, eta, noises):
+  """Generalised DDIM on the flow path (alpha = 1 - t, sigma = t) in float64, from grid[-1] down
+  to grid[0]; ``noises[j]`` is step j's z. The posterior q(x_s | x_t, x0) standard deviation comes
+  from the product of the two Gaussians N(x_s; alpha_s x0, sigma_s^2) N(x_t; alpha_{t|s} x_s,
+  sigma_{t|s}^2) (its precision is the sum of theirs), not from the closed form."""
+  x = np.asarray(x, np.float64)
+  for j, k in enumerate(range(len(grid) - 1, 0, -1)):
+    t, s = grid[k], grid[k - 1]
+    v = velocity(x, t)
+    x0 = x - t * v
+    eps = (x - (1 - t) * x0) / t
+    if s == 0:
+      x = x0
+      continue
+    a_ts = (1 - t) / (1 - s)
+    var_ts = t**2 - a_ts**2 * s**2
+    post_var = 1.0 / (1.0 / s**2 + a_ts**2 / var_ts)
+    c = eta * math.sqrt(post_var)
+    x = (1 - s) * x0 + math.sqrt(s**2 - c**2) * eps + c * np.asarray(noises[j], np.float64)
+  return x
+
+
+def dpmpp_2m_path(x, levels, alpha, sigma, x0_of):
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in float64 along any Gaussian path
+  ``x = alpha(l) y + sigma(l) eps``, from ``levels[-1]`` down to ``levels[0]``; ``x0_of(x, l)`` is
+  the data prediction. First order on the first step and into levels[0]; a step from pure noise
+  (alpha = 0) has h = inf, so the step after it is first order as well; a step into the data
+  (sigma = 0) returns the data prediction."""
+  x = np.asarray(x, np.float64)
+  lam = lambda v: math.log(alpha(v) / sigma(v))  # noqa: E731
+  prev_x0 = h_prev = None
+  for k in range(len(levels) - 1, 0, -1):
+    lv, l_next = levels[k], levels[k - 1]
+    x0 = x0_of(x, lv)
+    if sigma(l_next) == 0:
+      return x0
+    a_n, s_n = alpha(l_next), sigma(l_next)
+    if alpha(lv) == 0:  # lambda = -inf: exp(-h) = 0
+      x, h = s_n / sigma(lv) * x + a_n * x0, math.inf
+    else:
+      h = lam(l_next) - lam(lv)
+      r = h_prev / h if h_prev is not None else None
+      first = k == len(levels) - 1 or k == 1 or math.isinf(r)
+      d = x0 if first else (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
+      x = (s_n / sigma(lv)) * x - a_n * math.expm1(-h) * d
+    prev_x0, h_prev = x0, h
+  return x
+
+
+def flow_dpmpp_2m(x, grid, velocity):
+  """:func:`dpmpp_2m_path` on the flow path (alpha = 1 - t, sigma = t; velocity v = eps - x0)."""
+  return dpmpp_2m_path(x, grid, lambda t: 1 - t, lambda t: t, lambda x, t: x - t * velocity(x, t))

@@ -186,6 +186,30 @@ def test_missing_default_classifier_says_how_to_make_one(setup, tmp_path, monkey
   assert not list(tmp_path.rglob("*"))  # nothing was trained or written
 
 
+def test_ode_bpd_of_a_model_through_its_process(setup, tmp_path):
+  """The probability-flow bits/dim of the tiny U-Net through its process's sigma view: one finite
+  number per example, depending on the parameters, in a file named by its metric. (Its accuracy
+  is tests/test_ode_bpd.py's, with exact models of Gaussian data.)"""
+  from jaxdiff.core import process
+
+  images = setup.images[:8]
+  rec = evaluation.ode_bits_per_dim(
+    process.sigma_view(setup.d, setup.model_fn), images, batch_size=8, num_steps=2
+  )
+  assert rec["metric"] == "ode_bpd" and rec["per_example_bpd"].shape == (8,)
+  assert np.all(np.isfinite(rec["per_example_bpd"])) and rec["bpd_stderr"] > 0
+  ab0 = float(setup.d.alphas_cumprod[0])
+  assert rec["sigma_min"] == pytest.approx(((1 - ab0) / ab0) ** 0.5, rel=1e-5)  # the first level
+  other = evaluation.ode_bits_per_dim(
+    process.sigma_view(setup.d, setup.other_fn), images, batch_size=8, num_steps=2
+  )
+  assert not np.allclose(rec["per_example_bpd"], other["per_example_bpd"])
+  record = {**rec, "step": 3, "params": "ema", "split": "test"}
+  (path,) = evaluation.write_likelihood(tmp_path, record)
+  assert Path(path).name == "ode_bpd_test_n8_step3_ema.json"
+  assert json.loads(Path(path).read_text())["bpd"] == rec["bpd"]
+
+
 # ---------------------------------------------------------------------------- the command
 
 
@@ -213,6 +237,22 @@ def test_command_prints_one_json_line_and_writes_files(tiny_run, tmp_path):
   assert np.isfinite(record["bpd"]) and "terms" not in record
   assert [Path(p).parent for p in record["files"]] == [out] * 3
   assert json.loads(Path(record["files"][0]).read_text())["bpd"] == record["bpd"]
+
+
+@pytest.mark.slow  # a second subprocess; ode_bits_per_dim itself is tested above
+def test_command_ode_bpd(tiny_run, tmp_path):
+  out = tmp_path / "eval"
+  proc = _evaluate(
+    f"--workdir={tiny_run}", "--metric=ode_bpd", "--num_examples=4", "--ode_steps=2",
+    "--batch_size=4", f"--out={out}",
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert record["metric"] == "ode_bpd" and record["num_examples"] == 4 and record["num_steps"] == 2
+  assert np.isfinite(record["bpd"]) and record["method"] == "rk4"
+  assert [Path(p).name for p in record["files"]] == ["ode_bpd_test_n4_step2_ema.json"]
+  bad = _evaluate(f"--workdir={tiny_run}", "--metric=ode_bpd", "--ode_steps=0")
+  assert bad.returncode == 1 and "ode_steps=0: an integer >= 1" in bad.stderr
 
 
 @pytest.mark.slow  # a second subprocess; sample_quality itself is tested above

@@ -190,20 +190,17 @@ def test_a_flow_sampler_compiles_once_for_any_grid_and_parameters():
 
 
 def test_samplers_and_processes_refuse_each_other():
-  key, flow, d = jax.random.key(0), P.FlowMatching(), D.make_diffusion([0.1, 0.2, 0.3])
+  key, flow = jax.random.key(0), P.FlowMatching()
   model = lambda x, s: x  # noqa: E731
-  with pytest.raises(ValueError, match=r"^sampler 'ddim' does not sample the flow process; its"
-                     r" samplers: euler, heun$"):  # fmt: skip
-    S.sample(flow, model, key, X_T.shape, sampler="ddim", num_steps=4)
-  for name in S.samplers_for("ddpm"):
+  with pytest.raises(ValueError, match=r"^sampler 'ddpm' does not sample the flow process; its"
+                     r" samplers: ddim, dpm\+\+2m, euler, heun$"):  # fmt: skip
+    S.sample(flow, model, key, X_T.shape, sampler="ddpm", num_steps=4)
+  for name in set(S.samplers_for("ddpm")) - set(S.samplers_for("flow")):
     with pytest.raises(ValueError, match=rf"sampler '{re.escape(name)}' does not sample the flow"):
       S.sample(flow, model, key, X_T.shape, sampler=name, num_steps=4)
-  for name in ("euler", "heun"):
-    with pytest.raises(ValueError, match=rf"^sampler '{name}' does not sample the ddpm process;"
-                       r" its samplers: ddpm, ddim, dpm\+\+2m, euler_maruyama, pc$"):  # fmt: skip
-      S.sample(d, model, key, X_T.shape, sampler=name)
-    with pytest.raises(ValueError, match=rf"sampler '{name}' does not sample the ddpm process"):
-      S.sampler_timesteps(d, 2, sampler=name)
+  # euler and heun sample ddpm too, on its sigma grid (tests/test_edm.py); edm_stochastic not flow.
+  with pytest.raises(ValueError, match=r"^sampler 'edm_stochastic' does not sample the flow"):
+    S.sample(flow, model, key, X_T.shape, sampler="edm_stochastic", num_steps=4)
   with pytest.raises(ValueError, match=r"spacing='trailing' is the ddpm chain's; a flow steps"):
     S.sample(flow, model, key, X_T.shape, sampler="euler", num_steps=4, spacing="trailing")
   with pytest.raises(ValueError, match=r"num_steps=None: the flow process needs a number"):
@@ -226,16 +223,8 @@ def test_a_flow_config_builds_its_process(image_dir):
   assert validation.problems(config, num_devices=8) == []  # 50 steps > T = 20: T is ddpm's
   assert P.from_config(config.diffusion) == P.FlowMatching("logit_normal", 0.5, 0.8, 3.0)
   assert S.sampler_kwargs(config)["sampler"] == "heun"
-  with pytest.raises(ValueError, match=r"sampler 'ddim' does not sample the flow process"):
-    S.sampler_kwargs(config, sampler="ddim")
-
-
-@pytest.mark.parametrize("kind", ["vdm", "edm"])
-def test_vdm_and_edm_are_refused_as_not_implemented(image_dir, kind):
-  line = f"diffusion.process={kind!r}: not implemented yet (issue 15); implemented: ddpm, flow"
-  assert P.check_config(_flow_config(image_dir, diffusion__process=kind).diffusion) == [line]
-  with pytest.raises(ValueError, match=re.escape(line)):
-    P.from_config(_flow_config(image_dir, diffusion__process=kind).diffusion)
+  with pytest.raises(ValueError, match=r"sampler 'ddpm' does not sample the flow process"):
+    S.sampler_kwargs(config, sampler="ddpm")
 
 
 def test_every_bad_flow_field_is_one_line_at_once(image_dir):
@@ -243,21 +232,20 @@ def test_every_bad_flow_field_is_one_line_at_once(image_dir):
   config = _flow_config(
     image_dir, diffusion__t_sampler="importance", diffusion__loss_type="kl",
     diffusion__var_type="learned_range", diffusion__time_shift=0.0, diffusion__logit_std=-1.0,
-    diffusion__min_snr_gamma=5.0, diffusion__zero_terminal_snr=True, sampling__sampler="ddim",
+    diffusion__min_snr_gamma=5.0, diffusion__zero_terminal_snr=True, sampling__sampler="pc",
     sampling__spacing="trailing", eval__every=1, eval__bpd_examples=8,
   )  # fmt: skip
   flow = "for process 'flow'"
   assert validation.problems(config, num_devices=8) == [
-    f"diffusion.t_sampler='importance': must be one of uniform, logit_normal {flow}",
+    f"diffusion.t_sampler='importance': must be '' or one of uniform, logit_normal {flow}",
     "diffusion.logit_std=-1.0: must be a number > 0",
     "diffusion.time_shift=0.0: must be a number > 0 (1: no shift)",
     f"diffusion.loss_type='kl': must be one of mse, l1, huber {flow} (it has no bound yet)",
     f"diffusion.var_type='learned_range': must be fixed_small or fixed_large {flow} (no variance"
     " output)",
     f"diffusion.min_snr_gamma=5.0: must be 0 {flow} (a ddpm weighting)",
-    f"diffusion.zero_terminal_snr=True: must be False {flow} (a ddpm rescaling; a flow ends at"
-    " pure noise)",
-    "sampling.sampler='ddim': allowed for diffusion.process='flow': euler, heun",
+    f"diffusion.zero_terminal_snr=True: must be False {flow} (a ddpm rescaling)",
+    "sampling.sampler='pc': allowed for diffusion.process='flow': ddim, dpm++2m, euler, heun",
     "sampling.spacing='trailing': '' for diffusion.process='flow' (its own grid)",
     "eval.bpd_examples=8: must be 0 for diffusion.process='flow' (no bound yet)",
   ]
@@ -272,11 +260,11 @@ def test_every_bad_flow_field_is_one_line_at_once(image_dir):
 def test_a_ddpm_run_refuses_the_flow_options(image_dir):
   config = _flow_config(
     image_dir, diffusion__process="ddpm", diffusion__t_sampler="logit_normal",
-    sampling__num_steps=5,
+    sampling__num_steps=5, sampling__spacing="trailing",
   )  # fmt: skip
   assert validation.problems(config, num_devices=8) == [
-    "diffusion.t_sampler='logit_normal': must be one of uniform, importance",
-    "sampling.sampler='heun': allowed: ddpm, ddim, dpm++2m, euler_maruyama, pc",
+    "diffusion.t_sampler='logit_normal': must be '' (uniform) or one of uniform, importance",
+    "sampling.spacing='trailing': '' for sampler 'heun' (it steps on the chain's sigma grid)",
   ]
 
 
@@ -298,22 +286,12 @@ def test_a_flow_config_trains_a_step_and_samples_with_guidance(image_dir):
 
 @pytest.mark.slow  # two CLI processes that each compile a model (~1 min)
 def test_jaxdiff_train_and_sample_a_flow_config(image_dir, tmp_path):
-  from tests.conftest import ROOT, jaxdiff_cli
+  from tests.conftest import jaxdiff_cli, tiny_config_file
 
-  config_file = tmp_path / "flow.py"
-  config_file.write_text(
-    "from jaxdiff.config import from_file\n\n\n"
-    "def get_config():\n"
-    f"  config = from_file({str(ROOT / 'configs' / 'tiny.py')!r})\n"
-    "  config.data.name = 'image_folder'\n"
-    f"  config.data.image_folder = {str(image_dir)!r}\n"
-    "  config.model.name = 'dit'\n"
-    "  config.diffusion.process = 'flow'\n"
-    "  config.diffusion.t_sampler = 'logit_normal'\n"
-    "  config.sampling.sampler = 'euler'\n"
-    "  config.training.num_steps = 2\n"
-    "  return config\n"
-  )
+  config_file = tiny_config_file(
+    tmp_path / "flow.py", image_dir, model__name="dit", diffusion__process="flow",
+    diffusion__t_sampler="logit_normal", sampling__sampler="euler", training__num_steps=2,
+  )  # fmt: skip
   workdir, out = tmp_path / "run", tmp_path / "grid"
   train = jaxdiff_cli("train", "--config", str(config_file), "--workdir", str(workdir))
   assert train.returncode == 0, train.stderr[-2000:]
@@ -323,10 +301,13 @@ def test_jaxdiff_train_and_sample_a_flow_config(image_dir, tmp_path):
   )  # fmt: skip
   assert sample.returncode == 0, sample.stderr[-2000:]
   assert (out / "samples.png").exists()
-  wrong = jaxdiff_cli("sample", "--workdir", str(workdir), "--out", str(out), "--sampler", "ddim")
+  wrong = jaxdiff_cli("sample", "--workdir", str(workdir), "--out", str(out), "--sampler", "ddpm")
   assert wrong.returncode == 1
-  allowed = "sampling.sampler='ddim': allowed for diffusion.process='flow': euler, heun"
+  allowed = "sampling.sampler='ddpm': allowed for diffusion.process='flow': ddim, dpm++2m, euler,"
+
   assert allowed in wrong.stderr
   bpd = jaxdiff_cli("evaluate", "--workdir", str(workdir), "--metric", "bpd")
   assert bpd.returncode == 1
-  assert "--metric bpd: the flow process has no bound in bits/dim yet" in bpd.stderr
+  assert "--metric bpd: the flow process has no variational bound; use --metric ode_bpd" in (
+    bpd.stderr
+  )

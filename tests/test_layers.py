@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxdiff"
 
 # What each room may import from jaxdiff, lowest first. A room always may import itself.
 ALLOWED = {
+  "checks": set(),  # the config sections' shared field checks: NumPy only
   "config": set(),  # the schema and defaults: ml_collections only
   "core": set(),
   "models": {"config"},
@@ -30,6 +31,9 @@ ALLOWED = {
   | {"latent", "training", "run", "prompts"},
   "__main__": {"cli"},  # python -m jaxdiff
 }
+for _room_name, _below in ALLOWED.items():  # checks is below every room
+  if _room_name != "checks":
+    _below.add("checks")
 # core is the maths: no third-party package but these.
 CORE_THIRD_PARTY = {"jax", "numpy", "flax"}
 

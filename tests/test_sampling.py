@@ -29,6 +29,7 @@ from jax.sharding import AxisType
 from configs import tiny
 from jaxdiff import sampling as S
 from jaxdiff.core import diffusion as D
+from jaxdiff.core import process as P
 from jaxdiff.core import schedules
 from tests import reference as ref
 
@@ -265,13 +266,16 @@ def test_sampler_traces_once(sampler):
   def apply(params, x, t):
     return params["w"] * x + params["b"] * t.reshape(-1, 1, 1, 1)
 
-  keep = D.space_timesteps(T, _steps_for(sampler))
-  d = D.respace(_diffusion("eps", "fixed_large"), keep)
   cosine = D.make_diffusion(schedules.get_betas("cosine", T), var_type="fixed_large")
+  if S.get_sampler(sampler).spacing == "sigma":  # the chain seen on a sigma grid
+    d, d2 = (P.vp_sigma_grid(c, 4) for c in (_diffusion("eps", "fixed_large"), cosine))
+  else:
+    keep = D.space_timesteps(T, _steps_for(sampler))
+    d, d2 = (D.respace(c, keep) for c in (_diffusion("eps", "fixed_large"), cosine))
   fn = jax.jit(chex.assert_max_traces(S.make_sampler(sampler, eta=0.5), n=1))
   x = fn(d, jax.tree_util.Partial(apply, {"w": 0.1, "b": 1e-4}), jax.random.key(0), jnp.ones(SHAPE))
   x2 = fn(
-    D.respace(cosine, keep),
+    d2,
     jax.tree_util.Partial(apply, {"w": 0.2, "b": 0.0}),
     jax.random.key(1),
     jnp.full(SHAPE, -0.5, jnp.float32),
@@ -552,10 +556,15 @@ def renoise():
 
 def test_samplers_is_the_registrys_names(renoise):
   assert "ddim" in S.SAMPLERS and "lms" not in S.SAMPLERS
-  assert ", ".join(S.SAMPLERS) == "ddpm, ddim, dpm++2m, euler_maruyama, pc, euler, heun, renoise"
-  assert tuple(S.REGISTRY) == S.SAMPLERS and len(S.SAMPLERS) == 8 and S.SAMPLERS[-1] == renoise
-  assert S.samplers_for("ddpm") == ("ddpm", "ddim", "dpm++2m", "euler_maruyama", "pc", renoise)
-  assert S.samplers_for("flow") == ("euler", "heun")
+  assert ", ".join(S.SAMPLERS) == (
+    "ddpm, ddim, dpm++2m, euler_maruyama, pc, euler, heun, edm_stochastic, vdm, vdm_ddim, renoise"
+  )
+  assert tuple(S.REGISTRY) == S.SAMPLERS and len(S.SAMPLERS) == 11 and S.SAMPLERS[-1] == renoise
+  chain = ("ddpm", "ddim", "dpm++2m", "euler_maruyama", "pc")
+  sigma = ("euler", "heun", "edm_stochastic")  # the sigma samplers run the chain too
+  assert S.samplers_for("ddpm") == (*chain, *sigma, renoise)
+  assert S.samplers_for("flow") == ("ddim", "dpm++2m", "euler", "heun")
+  assert S.samplers_for("vdm") == ("dpm++2m", "vdm", "vdm_ddim")
   with pytest.raises(ValueError, match=r"sampler 'renoise' is already registered"):
     S.register_sampler("renoise", _renoise_sampler)
 
@@ -569,7 +578,10 @@ def test_every_registered_sampler_runs_through_sample():
 
 
 def test_unknown_sampler_error_lists_the_registry(renoise):
-  allowed = r"allowed: ddpm, ddim, dpm\+\+2m, euler_maruyama, pc, euler, heun, renoise$"
+  allowed = (
+    r"allowed: ddpm, ddim, dpm\+\+2m, euler_maruyama, pc, euler, heun, edm_stochastic, vdm,"
+    r" vdm_ddim, renoise$"
+  )
   d, key = _diffusion(), jax.random.key(0)
   with pytest.raises(ValueError, match=r"unknown sampler 'lms'; " + allowed):
     S.sample(d, _toy_model, key, SHAPE, sampler="lms")

@@ -347,7 +347,7 @@ def test_the_forward_pass_catches_the_rest(monkeypatch, model, expected):
     ({"beta_end": 0.01}, "beta_start", 0.02, r".* would run from 0\.02 down to 0\.01"),
     ({}, "mean_type", "score", r"must be one of eps, x0, v"),
     ({}, "var_type", "learned_small", r"must be one of fixed_small, .*, learned_range"),
-    ({}, "t_sampler", "loss", r"must be one of uniform, importance"),
+    ({}, "t_sampler", "loss", r"must be '' \(uniform\) or one of uniform, importance"),
     ({}, "min_snr_gamma", -1.0, r"must be a number >= 0 \(0 disables\)"),
   ],
 )
@@ -487,11 +487,12 @@ def test_every_problem_comes_back_in_one_error():
     validate(config, num_devices=1)
   assert e.value.problems == [
     "model.attn_resolutions=(13,): each must be one of the U-Net's resolutions 28, 14, 7",
-    "diffusion.t_sampler='loss': must be one of uniform, importance",
+    "diffusion.t_sampler='loss': must be '' (uniform) or one of uniform, importance",
     "training.learning_rate=-1.0: must be a number > 0",
     "training.checkpoint_every=0: must be an int >= 1",
     "training.keep_checkpoints=0: must be an int >= 1 (the newest checkpoint is always kept)",
-    "sampling.sampler='foo': allowed: ddpm, ddim, dpm++2m, euler_maruyama, pc",
+    "sampling.sampler='foo': allowed: ddpm, ddim, dpm++2m, euler_maruyama, pc, euler, heun,"
+    " edm_stochastic",
     "eval.batch_size=0: must be an int >= 1",
   ]
   assert str(e.value) == "the config has 7 problems:\n  " + "\n  ".join(e.value.problems)

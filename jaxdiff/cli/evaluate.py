@@ -1,6 +1,8 @@
-"""Evaluate a trained run: the variational bound in bits/dim, or sample quality (FD / IS).
+"""Evaluate a trained run: bits/dim (its variational bound, or by its probability-flow ODE), or
+sample quality (FD / IS).
 
   jaxdiff evaluate --workdir runs/fmnist --metric bpd --split test --num_examples 1000
+  jaxdiff evaluate --workdir runs/fm_flow --metric ode_bpd --num_examples 100 --ode_steps 32
   jaxdiff evaluate --workdir runs/fmnist --metric fd --num_samples 10000 --sampler ddim --steps 100
   jaxdiff evaluate --workdir runs/cifar10 --metric fid --num_samples 50000 \\
       --features_path pt_inception.npz                   # the standard FID: Inception features
@@ -9,8 +11,11 @@
 ``fd`` is the Fréchet distance between the features of samples and of the reference split, with
 the feature network ``config.eval.features`` (default: jaxdiff's classifier of the dataset; it is
 not comparable with published FIDs); ``fid`` is the same with InceptionV3 features, the published
-metric. ``recon`` (autoencoder runs) is the PSNR of the reconstructions of ``eval.split`` and
-their FD to the split (the data floor of latent models on that autoencoder). A latent run's
+metric. ``bpd`` is the variational bound of a ddpm or vdm run; ``ode_bpd``, for any process, the
+probability-flow ODE's bits/dim of the uniformly dequantised images (Hutchinson trace
+estimate; :mod:`jaxdiff.evaluation.ode_bpd`). ``recon`` (autoencoder runs) is the PSNR of the
+reconstructions of ``eval.split`` and their FD to the split (the data floor of latent models on
+that autoencoder). A latent run's
 ``fd`` / ``fid`` scores its decoded samples; its ``bpd`` is the bound over the autoencoder's
 scaled latents of the split, reported as metric ``latent_bpd`` in ``latent_bpd_*`` files (bits
 per latent dimension with a Gaussian decoder term): never comparable with, nor named as, a
@@ -39,13 +44,23 @@ from jaxdiff import cli
 from jaxdiff.cli import overrides
 
 flags.DEFINE_string("workdir", None, "The training run's directory.")
-flags.DEFINE_enum("metric", None, ["bpd", "fd", "fid", "recon"], "What to evaluate (see above).")
+flags.DEFINE_enum(
+  "metric", None, ["bpd", "ode_bpd", "fd", "fid", "recon"], "What to evaluate (see above)."
+)
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to load (default: the newest).")
 flags.DEFINE_bool("best", False, "Load the checkpoint kept as the best by eval.best_metric.")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "The EMA or the optimiser's parameters.")
 flags.DEFINE_integer("seed", 0, "Noise (bpd) or sampling (fd, fid) seed.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval; '' writes nothing).")
 flags.DEFINE_integer("t_chunk", 100, "bpd: timesteps per compiled scan.")
+flags.DEFINE_integer("ode_steps", 32, "ode_bpd: fixed solver steps, even in ln sigma.")
+flags.DEFINE_enum(
+  "ode_method", "rk4", ["rk4", "heun"], "ode_bpd: the solver (4 or 2 calls a step)."
+)
+flags.DEFINE_enum(
+  "divergence", "hutchinson", ["hutchinson", "exact"],
+  "ode_bpd: the trace estimate (exact: one JVP per dimension, small images only).",
+)  # fmt: skip
 flags.DEFINE_bool(
   "train_classifier", False, "fd: train and cache the dataset's default classifier first if"
   " there is none (minutes on a CPU)."
@@ -115,9 +130,16 @@ def _kind_problems(config: Any) -> list[str]:
   if FLAGS.metric == "recon":
     return [f"--metric recon: {FLAGS.workdir} is not an autoencoder run (model.name="
             f"{config.model.name!r})"]  # fmt: skip
-  process = config.diffusion.get("process", "ddpm")
-  if FLAGS.metric == "bpd" and process != "ddpm":
-    return [f"--metric bpd: the {process} process has no bound in bits/dim yet; use fd or fid"]
+  from jaxdiff import config as config_lib
+  from jaxdiff.core import process as process_lib
+
+  process = process_lib.kind(config.diffusion)
+  if FLAGS.metric == "bpd" and process not in ("ddpm", "vdm"):
+    return [f"--metric bpd: the {process} process has no variational bound; use --metric ode_bpd"
+            " (its probability-flow ODE), fd or fid"]  # fmt: skip
+  if FLAGS.metric == "ode_bpd" and config_lib.is_latent(config):
+    return ["--metric ode_bpd: a latent run's density is over latents, not images; use --metric"
+            " bpd (its bound in bits per latent dimension), fd or fid"]  # fmt: skip
   return []
 
 
@@ -126,11 +148,13 @@ def _check(config: Any) -> list[str]:
   ecfg, problems = config.eval, _kind_problems(config)
   if problems:
     return problems
-  if FLAGS.metric in ("bpd", "recon"):
+  if FLAGS.metric in ("bpd", "ode_bpd", "recon"):
     if ecfg.num_examples < 0:
       problems.append(f"eval.num_examples={ecfg.num_examples}: an integer >= 0 (0 = all)")
     if FLAGS.metric == "bpd" and FLAGS.t_chunk < 1:
       problems.append(f"t_chunk={FLAGS.t_chunk}: an integer >= 1")
+    if FLAGS.metric == "ode_bpd" and FLAGS.ode_steps < 1:
+      problems.append(f"ode_steps={FLAGS.ode_steps}: an integer >= 1")
   else:
     from jaxdiff import evaluation
     from jaxdiff.sampling import check_sampling
@@ -206,6 +230,10 @@ def _bpd(config: Any) -> dict[str, Any]:
     examples = _latents(run, ecfg.split, n)
   else:
     examples = data.read_examples(config.data, ecfg.split, n)
+  from jaxdiff.core import process as process_lib
+
+  if process_lib.kind(config.diffusion) == "vdm":
+    return _vdm_bpd(config, run, examples)
   record = evaluation.bits_per_dim(
     run.diffusion, run.model_fn(FLAGS.params), examples, seed=FLAGS.seed,
     batch_size=ecfg.batch_size, t_chunk=FLAGS.t_chunk, clip_denoised=bool(ecfg.clip_denoised),
@@ -221,6 +249,48 @@ def _bpd(config: Any) -> dict[str, Any]:
             **record}  # fmt: skip
   if (out := _out_dir()) is not None and jax.process_index() == 0:
     record["files"] = evaluation.write_bpd(out, record)
+  return record
+
+
+def _vdm_bpd(config: Any, run: Any, examples: Any) -> dict[str, Any]:
+  """VDM's bound (:func:`jaxdiff.evaluation.vdm_bits_per_dim`), one diffusion-term draw per
+  example; its record in one JSON file (the terms have no timesteps to tabulate)."""
+  import jax
+
+  from jaxdiff import evaluation
+  from jaxdiff.evaluation import report
+
+  ecfg = config.eval
+  record = evaluation.vdm_bits_per_dim(
+    run.diffusion, run.model_fn(FLAGS.params), examples, seed=FLAGS.seed,
+    batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
+  )  # fmt: skip
+  record = {**record, **_context(run), "split": ecfg.split}
+  if (out := _out_dir()) is not None and jax.process_index() == 0:
+    record["files"] = report.write_likelihood(out, record)
+  return record
+
+
+def _ode_bpd(config: Any) -> dict[str, Any]:
+  """Bits/dim by the probability-flow ODE (:func:`jaxdiff.evaluation.ode_bits_per_dim`) of any
+  process; its record in one JSON file."""
+  import jax
+
+  from jaxdiff import data, evaluation
+  from jaxdiff.core import process as process_lib
+  from jaxdiff.evaluation import report
+
+  ecfg = config.eval
+  run = _load(config)
+  examples = data.read_examples(config.data, ecfg.split, ecfg.num_examples or None)
+  record = evaluation.ode_bits_per_dim(
+    process_lib.sigma_view(run.diffusion, run.model_fn(FLAGS.params)), examples,
+    batch_size=ecfg.batch_size, seed=FLAGS.seed, num_steps=FLAGS.ode_steps,
+    method=FLAGS.ode_method, divergence=FLAGS.divergence, mesh=run.mesh, progress=True,
+  )  # fmt: skip
+  record = {**record, **_context(run), "split": ecfg.split}
+  if (out := _out_dir()) is not None and jax.process_index() == 0:
+    record["files"] = report.write_likelihood(out, record)
   return record
 
 
@@ -339,7 +409,7 @@ def _evaluate() -> None:
 
   config = _config()
   _show_library_logs()
-  evaluate = {"bpd": _bpd, "recon": _recon}.get(FLAGS.metric, _fd)
+  evaluate = {"bpd": _bpd, "ode_bpd": _ode_bpd, "recon": _recon}.get(FLAGS.metric, _fd)
   record = evaluate(config)
   if jax.process_index() == 0:
     print(json.dumps(evaluation.json_record(record)), flush=True)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import checks
 from jaxdiff.core import schedules, zero_snr
 
 MEAN_TYPES = ("eps", "x0", "v")
@@ -198,30 +199,29 @@ def check_config(dcfg: Any) -> list[str]:
   ``dcfg`` is read by attribute (a ConfigDict or any object with the fields). ``loss_type`` is
   not checked here: :mod:`jaxdiff.core.losses` owns the losses and imports this module.
   """
-  problems = []
-
-  def need(ok: bool, name: str, allowed: str) -> None:
-    if not ok:
-      problems.append(f"diffusion.{name}={getattr(dcfg, name)!r}: {allowed}")
+  problems = checks.Problems("diffusion", dcfg)
+  need = problems.need
 
   need(dcfg.schedule in schedules.SCHEDULES, "schedule", _one_of(schedules.SCHEDULES))
   T = dcfg.num_timesteps
-  need(_is_int(T) and T >= 1, "num_timesteps", "must be an int >= 1")
+  need(checks.is_int(T) and T >= 1, "num_timesteps", "must be an int >= 1")
   for name in ("beta_start", "beta_end", "beta"):
     value = getattr(dcfg, name)
-    ok = value is None or (_is_number(value) and 0.0 < value < 1.0)
+    ok = value is None or (checks.is_number(value) and 0.0 < value < 1.0)
     need(ok, name, "must be None (the schedule's default) or a number in (0, 1)")
   need(dcfg.schedule != "constant" or dcfg.beta is not None, "beta",
        "schedule 'constant' needs a beta in (0, 1), e.g. 0.02")  # fmt: skip
   need(dcfg.mean_type in MEAN_TYPES, "mean_type", _one_of(MEAN_TYPES))
   need(dcfg.var_type in VAR_TYPES, "var_type", _one_of(VAR_TYPES))
-  need(dcfg.t_sampler in T_SAMPLERS, "t_sampler", _one_of(T_SAMPLERS))
+  need(dcfg.t_sampler in ("", *T_SAMPLERS), "t_sampler",
+       f"must be '' (uniform) or one of {', '.join(T_SAMPLERS)}")  # fmt: skip
   gamma = dcfg.min_snr_gamma
-  need(_is_number(gamma) and gamma >= 0, "min_snr_gamma", "must be a number >= 0 (0 disables)")
+  need(checks.is_number(gamma) and gamma >= 0, "min_snr_gamma",
+       "must be a number >= 0 (0 disables)")  # fmt: skip
   problems.extend(_zero_snr_problems(dcfg))
   if not problems:  # the fields are sound one by one: now the schedule they make
     problems.extend(_schedule_problems(dcfg))
-  return problems
+  return list(problems)
 
 
 def _zero_snr_problems(dcfg: Any) -> list[str]:
@@ -237,7 +237,7 @@ def _zero_snr_problems(dcfg: Any) -> list[str]:
       " mean_type 'v' (or 'x0'): at alpha_bar_T = 0 an eps prediction does not determine x_0"
     )
   T = dcfg.num_timesteps
-  if _is_int(T) and T < 2:
+  if checks.is_int(T) and T < 2:
     problems.append(
       f"diffusion.num_timesteps={T!r}: diffusion.zero_terminal_snr=True needs num_timesteps >= 2"
     )
@@ -269,14 +269,6 @@ def _schedule_problems(dcfg: Any) -> list[str]:
 
 def _one_of(allowed: Any) -> str:
   return "must be one of " + ", ".join(allowed)
-
-
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
 
 
 # ----------------------------------------------------------------------------- respacing

@@ -94,6 +94,18 @@ def write_bpd(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
   return written
 
 
+def write_likelihood(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
+  """Writes a likelihood record with no per-timestep terms (``vdm_bits_per_dim``'s bound,
+  ``ode_bits_per_dim``; ``split``, ``step``, ``params`` added) as
+  ``{metric}_{split}_n{N}_step{S}_{params}.json`` into ``out_dir``: no CSV or plot. Returns
+  ``[path]``."""
+  out_dir = files.as_path(out_dir)
+  stem = f"{record['metric']}_{files.slug(record['split'])}_n{record['num_examples']}"
+  path = out_dir / f"{stem}_step{record['step']}_{record['params']}.json"
+  _write_json(path, {**record, "files": [str(path)]})
+  return [str(path)]
+
+
 def write_fid(out_dir: str | os.PathLike, record: dict[str, Any]) -> list[str]:
   """Writes ``{metric}_{sampler}{steps}_n{N}_step{S}_{params}_{features}.json`` and ``.png`` (a
   grid of the record's ``preview`` samples) into ``out_dir``; returns the two paths (also in

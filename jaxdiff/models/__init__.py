@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxdiff.checks import is_int, is_number
 from jaxdiff.config import is_latent, is_text, sample_shape
-from jaxdiff.models import layers, text_transformer
+from jaxdiff.models import layers, noise_schedule, text_transformer
 from jaxdiff.models.autoencoder import Autoencoder
 from jaxdiff.models.dit import DiT, dit_preset
 from jaxdiff.models.unet import RESBLOCKS, UNet
@@ -45,6 +46,7 @@ __all__ = [
 MODELS = ("unet", "dit", "autoencoder")
 DENOISERS = ("unet", "dit")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+VDM_SCHEDULES = ("learned", "fixed")  # diffusion.vdm_schedule
 ATTENTIONS = ("standard", "linear")  # the kinds layers.SpatialAttention implements
 
 
@@ -93,8 +95,11 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
         f"model.class_conditional needs data.num_classes >= 1, got {data.num_classes}."
       )
     num_classes = data.num_classes
+  vdm = config.diffusion.get("process", "ddpm") == "vdm"
+  fourier = vdm and bool(config.diffusion.get("fourier_features", False))
+  n_fourier = 2 * (noise_schedule.FOURIER_RANGE[1] - noise_schedule.FOURIER_RANGE[0])
   common = dict(
-    in_channels=channels,
+    in_channels=channels * (1 + n_fourier) if fourier else channels,
     out_channels=output_channels(config),
     image_size=size,
     num_heads=m.num_heads,
@@ -118,8 +123,27 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
   else:
     denoiser = _unet(m, common)
   if is_text(config) and config.text.encoder == "transformer":
-    return text_transformer.build(config.text, denoiser=denoiser, dtype=common["dtype"], rngs=rngs)
+    denoiser = text_transformer.build(
+      config.text, denoiser=denoiser, dtype=common["dtype"], rngs=rngs
+    )
+  if vdm:
+    return noise_schedule.ScheduledDenoiser(denoiser, vdm_schedule(config, rngs), fourier=fourier)
   return denoiser
+
+
+def vdm_schedule(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The gamma(t) of a vdm run: ``diffusion.vdm_schedule`` "learned" (:class:`LearnedGamma`,
+  endpoints starting at ``diffusion.gamma_min``, ``gamma_max``) or "fixed" (the line between
+  them)."""
+  dcfg = config.diffusion
+  ends = dict(gamma_min=float(dcfg.gamma_min), gamma_max=float(dcfg.gamma_max))
+  if dcfg.vdm_schedule == "learned":
+    return noise_schedule.LearnedGamma(**ends, rngs=rngs)
+  if dcfg.vdm_schedule == "fixed":
+    return noise_schedule.FixedLinearGamma(**ends)
+  raise ValueError(
+    f"diffusion.vdm_schedule={dcfg.vdm_schedule!r}: must be one of {', '.join(VDM_SCHEDULES)}"
+  )
 
 
 def _unet(m: ml_collections.ConfigDict, common: dict[str, Any]) -> UNet:
@@ -222,14 +246,6 @@ def _denoised_size(config: ml_collections.ConfigDict) -> int:
   return config.latent.size if is_latent(config) else config.data.image_size
 
 
-def _is_int(x: Any, low: int) -> bool:
-  return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= low
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-
-
 def _problem(key: str, value: Any, allowed: str) -> str:
   return f"{key}={value!r}: {allowed}"
 
@@ -237,26 +253,30 @@ def _problem(key: str, value: Any, allowed: str) -> str:
 def _common_problems(config: ml_collections.ConfigDict) -> list[str]:
   """The fields both architectures read."""
   m, data, problems = config.model, config.data, []
-  if not _is_int(data.image_size, 1):
+  if not is_int(data.image_size, 1):
     problems.append(_problem("data.image_size", data.image_size, "must be an int >= 1"))
-  if not _is_int(data.channels, 1):
+  if not is_int(data.channels, 1):
     problems.append(_problem("data.channels", data.channels, "must be an int >= 1"))
-  if m.class_conditional and not _is_int(data.num_classes, 1):
+  if m.class_conditional and not is_int(data.num_classes, 1):
     allowed = "must be an int >= 1 for a class-conditional model"
     problems.append(_problem("data.num_classes", data.num_classes, allowed))
+  dcfg = config.diffusion
+  if dcfg.get("process", "ddpm") == "vdm" and dcfg.vdm_schedule not in VDM_SCHEDULES:
+    allowed = f"must be one of {', '.join(VDM_SCHEDULES)}"
+    problems.append(_problem("diffusion.vdm_schedule", dcfg.vdm_schedule, allowed))
   if config.diffusion.var_type not in VAR_TYPES:
     allowed = f"must be one of {', '.join(VAR_TYPES)}"
     problems.append(_problem("diffusion.var_type", config.diffusion.var_type, allowed))
   for name in ("dropout", "class_dropout"):
     p = m[name]
-    if not (_is_number(p) and 0.0 <= p < 1.0):
+    if not (is_number(p) and 0.0 <= p < 1.0):
       problems.append(_problem(f"model.{name}", p, "must be a probability in [0, 1)"))
   if m.compute_dtype not in layers.COMPUTE_DTYPES:
     allowed = f"must be one of {', '.join(layers.COMPUTE_DTYPES)}"
     problems.append(_problem("model.compute_dtype", m.compute_dtype, allowed))
-  if not _is_int(m.num_heads, 1):
+  if not is_int(m.num_heads, 1):
     problems.append(_problem("model.num_heads", m.num_heads, "must be an int >= 1"))
-  if not (_is_int(m.num_head_channels, 1) or m.num_head_channels == -1):
+  if not (is_int(m.num_head_channels, 1) or m.num_head_channels == -1):
     allowed = "must be -1 (heads set by model.num_heads) or an int > 0 (the width of a head)"
     problems.append(_problem("model.num_head_channels", m.num_head_channels, allowed))
   return problems
@@ -280,16 +300,16 @@ def _heads_problems(m: ml_collections.ConfigDict, widths: list[int], where: str)
 
 def _unet_problems(m: ml_collections.ConfigDict, image_size: int) -> list[str]:
   problems = []
-  ch_ok = _is_int(m.ch, 1)
+  ch_ok = is_int(m.ch, 1)
   if not ch_ok:
     problems.append(_problem("model.ch", m.ch, "must be an int >= 1"))
   mult = m.ch_mult
-  mult_ok = isinstance(mult, tuple | list) and len(mult) > 0 and all(_is_int(x, 1) for x in mult)
+  mult_ok = isinstance(mult, tuple | list) and len(mult) > 0 and all(is_int(x, 1) for x in mult)
   if not mult_ok:
     problems.append(
       _problem("model.ch_mult", m.ch_mult, "must be a non-empty sequence of ints >= 1")
     )
-  if not _is_int(m.num_res_blocks, 1):
+  if not is_int(m.num_res_blocks, 1):
     problems.append(_problem("model.num_res_blocks", m.num_res_blocks, "must be an int >= 1"))
   if m.resblock not in RESBLOCKS:
     problems.append(
@@ -298,15 +318,15 @@ def _unet_problems(m: ml_collections.ConfigDict, image_size: int) -> list[str]:
   if m.attention not in ATTENTIONS:
     allowed = f"must be one of {', '.join(ATTENTIONS)}"
     problems.append(_problem("model.attention", m.attention, allowed))
-  if m.resblock == "convnext" and not (_is_number(m.mlp_ratio) and m.mlp_ratio > 0):
+  if m.resblock == "convnext" and not (is_number(m.mlp_ratio) and m.mlp_ratio > 0):
     problems.append(_problem("model.mlp_ratio", m.mlp_ratio, "must be a number > 0"))
   if not (ch_ok and mult_ok):
     return problems
   widths = sorted({m.ch, *(m.ch * k for k in m.ch_mult)})
-  if not _is_int(m.num_groups, 1) or any(w % m.num_groups for w in widths):
+  if not is_int(m.num_groups, 1) or any(w % m.num_groups for w in widths):
     allowed = f"must be an int >= 1 dividing every channel count {', '.join(map(str, widths))}"
     problems.append(_problem("model.num_groups", m.num_groups, allowed))
-  if not _is_int(image_size, 1):
+  if not is_int(image_size, 1):
     return problems
   factor = 2 ** (len(m.ch_mult) - 1)
   sides = [image_size / 2**i for i in range(len(m.ch_mult))]
@@ -325,27 +345,27 @@ def _unet_problems(m: ml_collections.ConfigDict, image_size: int) -> list[str]:
   # Attention runs at the listed resolutions and always in the middle, at the lowest one.
   attn_widths = {m.ch * k for k, s in zip(m.ch_mult, sides, strict=True) if s in attn}
   attn_widths.add(m.ch * m.ch_mult[-1])
-  if problems or not (_is_int(m.num_heads, 1) and _is_int(m.num_head_channels, -1)):
+  if problems or not (is_int(m.num_heads, 1) and is_int(m.num_head_channels, -1)):
     return problems
   return _heads_problems(m, sorted(attn_widths), "the attention widths")
 
 
 def _dit_problems(m: ml_collections.ConfigDict, image_size: int) -> list[str]:
   problems = []
-  if not _is_int(m.patch_size, 1):
+  if not is_int(m.patch_size, 1):
     problems.append(_problem("model.patch_size", m.patch_size, "must be an int >= 1"))
-  elif _is_int(image_size, 1) and image_size % m.patch_size:
+  elif is_int(image_size, 1) and image_size % m.patch_size:
     allowed = f"must divide data.image_size={image_size}: DiT takes whole patches"
     problems.append(_problem("model.patch_size", m.patch_size, allowed))
-  if not _is_int(m.depth, 1):
+  if not is_int(m.depth, 1):
     problems.append(_problem("model.depth", m.depth, "must be an int >= 1"))
-  if not (_is_number(m.mlp_ratio) and m.mlp_ratio > 0):
+  if not (is_number(m.mlp_ratio) and m.mlp_ratio > 0):
     problems.append(_problem("model.mlp_ratio", m.mlp_ratio, "must be a number > 0"))
-  if not _is_int(m.hidden_size, 1) or m.hidden_size % 4:
+  if not is_int(m.hidden_size, 1) or m.hidden_size % 4:
     # The 2-D sin-cos position embedding splits the width in four.
     allowed = "must be an int >= 4 divisible by 4 (the 2-D sin-cos position embedding)"
     problems.append(_problem("model.hidden_size", m.hidden_size, allowed))
-  elif _is_int(m.num_heads, 1) and _is_int(m.num_head_channels, -1):
+  elif is_int(m.num_heads, 1) and is_int(m.num_head_channels, -1):
     problems += _heads_problems(m, [m.hidden_size], "model.hidden_size")
   return problems
 
@@ -387,25 +407,23 @@ def _autoencoder_problems(config: ml_collections.ConfigDict) -> list[str]:
       _problem("latent.autoencoder_workdir", config.latent.autoencoder_workdir, allowed)
     )
   for key in ("image_size", "channels"):
-    if not _is_int(data[key], 1):
+    if not is_int(data[key], 1):
       problems.append(_problem(f"data.{key}", data[key], "must be an int >= 1"))
-  if not _is_int(ae.latent_channels, 1):
+  if not is_int(ae.latent_channels, 1):
     problems.append(
       _problem("autoencoder.latent_channels", ae.latent_channels, "must be an int >= 1")
     )
   for key in ("kl_weight", "l2_weight", "perceptual_weight", "disc_weight"):
-    if not (_is_number(ae[key]) and ae[key] >= 0):
+    if not (is_number(ae[key]) and ae[key] >= 0):
       problems.append(_problem(f"autoencoder.{key}", ae[key], "must be a number >= 0"))
   for key, low in (("disc_start", 0), ("disc_ch", 1), ("disc_layers", 1), ("scale_examples", 1)):
-    if not _is_int(ae[key], low):
+    if not is_int(ae[key], low):
       problems.append(_problem(f"autoencoder.{key}", ae[key], f"must be an int >= {low}"))
-  if not (_is_number(m.dropout) and 0.0 <= m.dropout < 1.0):
+  if not (is_number(m.dropout) and 0.0 <= m.dropout < 1.0):
     problems.append(_problem("model.dropout", m.dropout, "must be a probability in [0, 1)"))
-  problems += _unet_problems(m, padded_size(config) if _is_int(data.image_size, 1) else 0)
+  problems += _unet_problems(m, padded_size(config) if is_int(data.image_size, 1) else 0)
   if (
-    _is_int(data.image_size, 1)
-    and _is_int(ae.padded_size, 0)
-    and isinstance(m.ch_mult, tuple | list)
+    is_int(data.image_size, 1) and is_int(ae.padded_size, 0) and isinstance(m.ch_mult, tuple | list)
   ):
     factor = 2 ** (len(m.ch_mult) - 1)
     side = padded_size(config)
@@ -417,7 +435,7 @@ def _autoencoder_problems(config: ml_collections.ConfigDict) -> list[str]:
       )
       problems = [p for p in problems if not p.startswith("data.image_size=")]
       problems.append(_problem("autoencoder.padded_size", ae.padded_size, allowed))
-  elif not _is_int(ae.padded_size, 0):
+  elif not is_int(ae.padded_size, 0):
     problems.append(_problem("autoencoder.padded_size", ae.padded_size, "must be an int >= 0"))
   return problems
 
@@ -463,6 +481,18 @@ class Apply:
     key: jax.Array | None = None,
   ) -> jax.Array:
     return nnx.merge(self.graphdef, params)(x, t, y, key=key)
+
+  def gamma(self, params: Any, t: jax.Array) -> jax.Array:
+    """The noise schedule gamma(t) of a vdm model (a
+    :class:`~jaxdiff.models.noise_schedule.ScheduledDenoiser`): what ``jaxdiff.core.process``
+    finds on a bound model function to evaluate the learned schedule inside jit."""
+    model = nnx.merge(self.graphdef, params)
+    if not isinstance(model, noise_schedule.ScheduledDenoiser):
+      raise ValueError(
+        f"a {type(model).__name__} has no noise schedule: only a diffusion.process='vdm' model"
+        " (ScheduledDenoiser) does"
+      )
+    return model.gamma(t)
 
 
 def bind(graphdef: nnx.GraphDef, params: Any) -> jax.tree_util.Partial:

@@ -108,3 +108,53 @@ class LearnedGamma(nnx.Module):
     # The weighted form gives gamma_0 exactly at t = 0 and gamma_1 to an ulp of frac at t = 1
     # (XLA divides by multiplying with a reciprocal, so x / x may be 1 - 2^-24).
     return ((1.0 - frac) * self.gamma_0[...] + frac * self.gamma_1[...]).reshape(t.shape)
+
+
+class FixedLinearGamma(nnx.Module):
+  """VDM's fixed schedule ``gamma(t) = gamma_min + (gamma_max - gamma_min) t`` as a module
+  without parameters (``NoiseSchedule_FixedLinear``; the same line as
+  ``jaxdiff.core.continuous.vp.gamma_linear``), so a fixed-schedule run has the same model."""
+
+  def __init__(self, *, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX):
+    self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    return self.gamma_min + (self.gamma_max - self.gamma_min) * jnp.asarray(t, jnp.float32)
+
+
+def fourier_features(z: jax.Array, n_min: int = 7, n_max: int = 9) -> jax.Array:
+  """``[sin(2^n pi z), cos(2^n pi z)]`` for ``n = n_min .. n_max - 1``: ``[..., C]`` to
+  ``[..., 2 (n_max - n_min) C]``. Kingma et al. 2021, App. C (Fourier features, n = 7, 8; the
+  official code's ``Base2FourierFeatures(start=6, stop=8)`` writes the same frequencies as
+  ``2^n 2 pi``): the fastest has a period of 1/128, about one 8-bit step of data in [-1, 1], so
+  they expose the fine detail of z to the network."""
+  freqs = (2.0 ** jnp.arange(n_min, n_max, dtype=jnp.float32) * jnp.pi).astype(z.dtype)  # [F]
+  h = (z[..., None] * freqs).reshape(*z.shape[:-1], -1)  # [..., C F]
+  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+FOURIER_RANGE = (7, 9)  # n_min, n_max: n = 7, 8, the paper's
+
+
+class ScheduledDenoiser(nnx.Module):
+  """A denoiser and its noise schedule in one module: ``diffusion.process = "vdm"``'s model.
+
+  Called as the denoiser is, ``model(z_t, t, y, *, key=None)`` (the eps prediction), with
+  ``fourier``: VDM's Fourier features of z_t concatenated to its channels first (the
+  denoiser then takes ``C (1 + 2 (n_max - n_min))`` input channels). :meth:`gamma` is the
+  schedule, a :class:`LearnedGamma` or :class:`FixedLinearGamma`. Holding the schedule here puts
+  its parameters among the model's, so the optimizer, EMA, shardings and checkpoints treat them as
+  any other; the train step and the samplers reach it through ``jaxdiff.models.Apply.gamma``.
+  """
+
+  def __init__(self, denoiser: nnx.Module, schedule: nnx.Module, *, fourier: bool = False):
+    self.denoiser, self.schedule, self.fourier = denoiser, schedule, bool(fourier)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y=None, *, key: jax.Array | None = None):
+    if self.fourier:
+      x = jnp.concatenate([x, fourier_features(x, *FOURIER_RANGE)], axis=-1)
+    return self.denoiser(x, t, y, key=key)
+
+  def gamma(self, t: jax.Array) -> jax.Array:
+    """gamma(t), the negative logSNR, for times ``t`` of any shape (elementwise)."""
+    return self.schedule(t)

@@ -16,10 +16,13 @@ The registry (:data:`REGISTRY`, names in :data:`SAMPLERS`):
 - ``pc``: Langevin corrector + ancestral / Euler-Maruyama predictor, score SDE
   Algorithm 5 (S * (1 + n_corrector_steps));
 - ``euler`` and ``heun``: the flow process's ODE, ``dx/dt = v(x, t)`` from t = 1 to 0
-  (S and 2S model calls).
+  (S and 2S model calls); on EDM's or a ddpm chain's sigma grid, the probability-flow ODE
+  ``dx/dsigma = (x - D) / sigma`` (Karras et al. 2022, Alg. 1; :mod:`.sigma`);
+- ``edm_stochastic``: Karras et al. 2022, Alg. 2 (churn ``s_churn``, ``s_tmin``, ``s_tmax``,
+  ``s_noise``; 2S - 1 model calls), for edm and ddpm.
 
-A sampler implements one or more noise processes (``SamplerDef.processes``; the first five
-``ddpm``, the last two ``flow``): :func:`sample` refuses a sampler of another process.
+A sampler implements one or more noise processes (``SamplerDef.processes``, listed by
+:func:`samplers_for`): :func:`sample` refuses a sampler of another process.
 
 Each is a factory returning an ``init`` / ``step`` pair (:class:`Sampler`) over a
 named carry; one driver runs it as one ``jax.lax.scan`` over the S steps of the
@@ -58,7 +61,6 @@ from jaxdiff.sampling.ddim import ddim_sampler, ddim_step
 from jaxdiff.sampling.ddpm import ddpm_sampler, ddpm_step
 from jaxdiff.sampling.dpmpp import DPMState, dpmpp_2m_sampler, dpmpp_2m_step
 from jaxdiff.sampling.driver import make_sampler, sample, sample_in_chunks
-from jaxdiff.sampling.flow import euler_sampler, heun_sampler
 from jaxdiff.sampling.guidance import guided_model_output
 from jaxdiff.sampling.registry import (
   REGISTRY,
@@ -76,6 +78,7 @@ from jaxdiff.sampling.sde import (
   langevin_step,
   pc_sampler,
 )
+from jaxdiff.sampling.sigma import euler_sampler, heun_sampler, stochastic_sampler
 from jaxdiff.sampling.spacing import SPACINGS, sampler_timesteps
 
 __all__ = [
@@ -109,6 +112,7 @@ __all__ = [
   "sample",
   "sample_in_chunks",
   "samplers_for",
+  "stochastic_sampler",
   "check_sampling",
   "sample_from_config",
   "sampler_kwargs",

@@ -29,15 +29,17 @@ class Chain(NamedTuple):
   """One sampling call's data, as every step sees it (built inside jit by the driver).
 
   Attributes:
-    d: the (respaced) diffusion, or a flow process's :class:`~jaxdiff.core.process.FlowGrid`;
-      index ``t`` runs over its S steps.
+    d: the (respaced) diffusion, or a flow process's :class:`~jaxdiff.core.process.FlowGrid`,
+      or a sigma grid (:class:`~jaxdiff.core.process.SigmaGrid`, a ddpm chain's
+      :class:`~jaxdiff.core.process.VPSigmaGrid`); index ``t`` runs over its S steps.
     model: ``model(x, t_index) -> (output, t)``: the guided model output at the
       scalar index ``t_index`` (in x's dtype) and ``t``, that index as ``[B]`` ints.
     noise: ``noise(key) -> z``, standard normal shaped and sharded like x_T.
     key: the chain's key; step ``i`` draws from ``fold_in(key, i)`` so that the
       samples do not depend on the device count.
     model_at: ``model_at(x, t) -> output``: the guided model output at process times ``t``
-      ``[B]`` (continuous t in [0, 1] for flow), for solvers that evaluate between the levels.
+      ``[B]`` (continuous t in [0, 1] for flow, sigma on a sigma grid), for solvers that
+      evaluate between the levels.
   """
 
   d: Diffusion | FlowGrid

@@ -15,11 +15,23 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdiff import parallel
+from jaxdiff.checks import is_number
 from jaxdiff.config import is_latent, is_text, sample_shape
+from jaxdiff.core import process as process_lib
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.sampling.driver import sample_in_chunks
-from jaxdiff.sampling.registry import SAMPLERS, check_process, get_sampler, samplers_for
+from jaxdiff.sampling.registry import (
+  SAMPLERS,
+  SIGMA_GRID,
+  check_process,
+  get_sampler,
+  samplers_for,
+)
 from jaxdiff.sampling.spacing import SPACINGS
+
+# sampling.s_* (Karras et al. 2022, Alg. 2) and their schema defaults (s_tmax 0: no upper bound).
+CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+CHURN_OPTIONS = tuple(CHURN_DEFAULTS)
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -53,7 +65,8 @@ def sampler_kwargs(
 
   Returns:
     dict with ``sampler``, ``num_steps``, ``spacing``, ``eta``, ``clip_denoised``,
-    ``guidance_scale``, ``null_label`` and ``temperature``. Labels, the mesh
+    ``guidance_scale``, ``null_label`` and ``temperature``, and for a sampler that takes them
+    (``edm_stochastic``) ``s_churn``, ``s_tmin``, ``s_tmax`` and ``s_noise``. Labels, the mesh
     and the shape are the caller's (see :func:`class_labels`).
 
   Raises:
@@ -73,7 +86,11 @@ def sampler_kwargs(
     "temperature": _pick(temperature, scfg.temperature),
   }
   # Fail before loading a checkpoint, not after.
-  check_process(kwargs["sampler"], config.diffusion.get("process", "ddpm"))
+  check_process(kwargs["sampler"], process_lib.kind(config.diffusion))
+  # The churn options of edm_stochastic, passed only to a sampler that takes them.
+  for key in CHURN_OPTIONS:
+    if key in get_sampler(kwargs["sampler"]).options:
+      kwargs[key] = float(scfg.get(key, CHURN_DEFAULTS[key]))
   if not (conditional or is_text(config)) and kwargs["guidance_scale"] != 1.0:
     raise ValueError(
       f"guidance_scale={kwargs['guidance_scale']} needs a class-conditional model"
@@ -94,13 +111,18 @@ def check(config: Any, class_label: int | None = None) -> list[str]:
     if not ok:
       problems.append(f"sampling.{key}={scfg[key]!r}: {allowed}")
 
-  process = config.diffusion.get("process", "ddpm")
-  own = samplers_for(process)  # none: the diffusion check says the process is not implemented
+  process = process_lib.kind(config.diffusion)
+  own = samplers_for(process)  # none: an unknown process, which the diffusion check names
   if own and (scfg.sampler not in SAMPLERS or process not in get_sampler(scfg.sampler).processes):
     of = "" if process == "ddpm" else f" for diffusion.process={process!r}"
     need(False, "sampler", f"allowed{of}: {', '.join(own)}")
   steps_ok = isinstance(scfg.num_steps, int) and scfg.num_steps >= 1
-  if process == "ddpm":
+  on_sigma = scfg.sampler in SAMPLERS and get_sampler(scfg.sampler).spacing == SIGMA_GRID
+  if process == "ddpm" and on_sigma:  # the chain seen on a sigma grid: any number of steps
+    need(steps_ok, "num_steps", "an integer >= 1")
+    need(scfg.spacing == "", "spacing",
+         f"'' for sampler {scfg.sampler!r} (it steps on the chain's sigma grid)")  # fmt: skip
+  elif process == "ddpm":
     num_timesteps = config.diffusion.num_timesteps
     steps_ok = steps_ok and scfg.num_steps <= num_timesteps
     need(steps_ok, "num_steps", f"an integer in 1..{num_timesteps} (diffusion.num_timesteps)")
@@ -113,6 +135,7 @@ def check(config: Any, class_label: int | None = None) -> list[str]:
     need(isinstance(scfg[key], int) and scfg[key] >= 1, key, "an integer >= 1")
   for key in ("eta", "temperature", "guidance_scale"):
     need(scfg[key] >= 0, key, "a number >= 0")
+  problems += _churn_problems(scfg)
   conditional = bool(config.model.class_conditional)
   need(
     conditional or is_text(config) or scfg.guidance_scale == 1.0, "guidance_scale",
@@ -122,6 +145,27 @@ def check(config: Any, class_label: int | None = None) -> list[str]:
     problems.append(f"class_label={class_label}: this run's model is not class-conditional")
   elif class_label is not None and not 0 <= class_label < config.data.num_classes:
     problems.append(f"class_label={class_label}: allowed 0..{config.data.num_classes - 1}")
+  return problems
+
+
+def _churn_problems(scfg: Any) -> list[str]:
+  """``sampling.s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` (read by ``edm_stochastic``)."""
+  values = {key: scfg.get(key, default) for key, default in CHURN_DEFAULTS.items()}
+  problems = []
+  for key, value in values.items():
+    number = is_number(value)
+    low_ok = number and (value > 0 if key == "s_noise" else value >= 0)
+    if not low_ok:
+      allowed = "a number > 0" if key == "s_noise" else "a number >= 0"
+      if key == "s_tmax":
+        allowed += " (0: no upper bound)"
+      problems.append(f"sampling.{key}={value!r}: {allowed}")
+  s_tmin, s_tmax = values["s_tmin"], values["s_tmax"]
+  if not problems and s_tmax != 0 and s_tmax < s_tmin:
+    problems.append(
+      f"sampling.s_tmax={s_tmax!r}: must be >= sampling.s_tmin ({s_tmin!r}), or 0 for no upper"
+      " bound"
+    )
   return problems
 
 

@@ -28,7 +28,7 @@ from jaxdiff.parallel import DATA_AXIS, auto_mesh, constrain, to_host
 from jaxdiff.sampling import progress as progress_lib
 from jaxdiff.sampling.base import Chain, ModelFn, Sampler
 from jaxdiff.sampling.guidance import check_guidance, guided_model_output
-from jaxdiff.sampling.registry import SamplerDef, check_process, get_sampler
+from jaxdiff.sampling.registry import SIGMA_GRID, SamplerDef, check_process, get_sampler
 from jaxdiff.sampling.sde import check_predictor
 from jaxdiff.sampling.spacing import sampler_timesteps
 
@@ -176,6 +176,8 @@ def make_sampler(
     labels, uncond = (
       jax.tree.map(lambda a: constrain(jnp.asarray(a), mesh), y) for y in (labels, uncond)
     )
+    if isinstance(d, process_lib.VDMGrid):  # gamma on the grid, from the model's parameters
+      d = process_lib.vdm_process.with_schedule(d, model_fn)
     chain = _chain(d, model_fn, key, x_T, labels, uncond, guidance, mesh)
     return _scan(algo, chain, x_T, return_trajectory, mesh, report_steps=progress)
 
@@ -354,13 +356,19 @@ def sample(
 
 
 def _discretize(d: Any, sampler: str, num_steps: int | None, spacing: str | None) -> Any:
-  """The sampler's S steps of the process: a respaced diffusion, or a flow's grid."""
+  """The sampler's S steps of the process: a respaced diffusion, a flow's or EDM's grid, or for a
+  sigma sampler (``euler``, ``heun``, ``edm_stochastic``) the ddpm chain's sigma grid."""
   process = process_lib.name(d)
   check_process(sampler, process)
-  if process != "ddpm" and spacing is not None:
-    raise ValueError(f"spacing={spacing!r} is the ddpm chain's; a {process} steps on its own grid")
+  on_sigma = get_sampler(sampler).spacing == SIGMA_GRID
+  if (process != "ddpm" or on_sigma) and spacing is not None:
+    grid = f"sampler {sampler!r}" if process == "ddpm" else f"a {process}"
+    raise ValueError(f"spacing={spacing!r} is the ddpm chain's; {grid} steps on its own grid")
   return process_lib.discretize(
-    d, num_steps, lambda d, n: sampler_timesteps(d, n, sampler=sampler, spacing=spacing)
+    d,
+    num_steps,
+    lambda d, n: sampler_timesteps(d, n, sampler=sampler, spacing=spacing),
+    sigma=on_sigma and process == "ddpm",
   )
 
 

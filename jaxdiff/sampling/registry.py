@@ -20,8 +20,9 @@ from jaxdiff.sampling.base import Sampler
 from jaxdiff.sampling.ddim import ddim_sampler
 from jaxdiff.sampling.ddpm import ddpm_sampler
 from jaxdiff.sampling.dpmpp import dpmpp_2m_sampler
-from jaxdiff.sampling.flow import euler_sampler, heun_sampler
 from jaxdiff.sampling.sde import euler_maruyama_sampler, pc_sampler
+from jaxdiff.sampling.sigma import euler_sampler, heun_sampler, stochastic_sampler
+from jaxdiff.sampling.vdm import vdm_ddim_sampler, vdm_sampler
 
 
 class SamplerDef(NamedTuple):
@@ -30,7 +31,8 @@ class SamplerDef(NamedTuple):
   Attributes:
     factory: ``factory(**options) -> Sampler``, called once per set of options, outside jit.
     spacing: which steps it visits by default, one of :data:`~jaxdiff.sampling.SPACINGS`
-      (a ddpm sampler's; a flow sampler steps on its process's grid).
+      (a ddpm sampler's; a flow sampler steps on its process's grid), or :data:`SIGMA_GRID`:
+      it steps on a sigma grid, for ddpm the chain's :func:`jaxdiff.core.process.vp_sigma_grid`.
     options: the keyword options ``factory`` takes.
     processes: the noise processes (``diffusion.process``) whose maths it implements.
   """
@@ -41,17 +43,26 @@ class SamplerDef(NamedTuple):
   processes: tuple[str, ...] = ("ddpm",)
 
 
+SIGMA_GRID = "sigma"
 _NOISY = ("clip_denoised", "temperature")
+_CHURN = ("clip_denoised", "s_churn", "s_tmin", "s_tmax", "s_noise")
 _PC = (*_NOISY, "snr", "n_corrector_steps", "predictor")
 
 REGISTRY: dict[str, SamplerDef] = {
   "ddpm": SamplerDef(ddpm_sampler, "sections", _NOISY),
-  "ddim": SamplerDef(ddim_sampler, "ddim", ("eta", *_NOISY)),
-  "dpm++2m": SamplerDef(dpmpp_2m_sampler, "logsnr", ("clip_denoised",)),
+  "ddim": SamplerDef(ddim_sampler, "ddim", ("eta", *_NOISY), ("ddpm", "flow")),
+  "dpm++2m": SamplerDef(
+    dpmpp_2m_sampler, "logsnr", ("clip_denoised",), ("ddpm", "flow", "edm", "vdm")
+  ),
   "euler_maruyama": SamplerDef(euler_maruyama_sampler, "sections", _NOISY),
   "pc": SamplerDef(pc_sampler, "sections", _PC),
-  "euler": SamplerDef(euler_sampler, "sections", ("clip_denoised",), ("flow",)),
-  "heun": SamplerDef(heun_sampler, "sections", ("clip_denoised",), ("flow",)),
+  # On a sigma grid (edm; ddpm through sigma(t)), and on a flow's grid in t.
+  "euler": SamplerDef(euler_sampler, SIGMA_GRID, ("clip_denoised",), ("flow", "edm", "ddpm")),
+  "heun": SamplerDef(heun_sampler, SIGMA_GRID, ("clip_denoised",), ("flow", "edm", "ddpm")),
+  "edm_stochastic": SamplerDef(stochastic_sampler, SIGMA_GRID, _CHURN, ("edm", "ddpm")),
+  # On a vdm grid in t, with the model's gamma.
+  "vdm": SamplerDef(vdm_sampler, "sections", _NOISY, ("vdm",)),
+  "vdm_ddim": SamplerDef(vdm_ddim_sampler, "sections", ("clip_denoised",), ("vdm",)),
 }
 
 

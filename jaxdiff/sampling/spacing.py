@@ -7,7 +7,7 @@ import numpy as np
 
 from jaxdiff.core.diffusion import Diffusion, space_timesteps
 from jaxdiff.core.zero_snr import trailing_timesteps
-from jaxdiff.sampling.registry import check_process, get_sampler
+from jaxdiff.sampling.registry import SIGMA_GRID, check_process, get_sampler
 
 SPACINGS = ("sections", "ddim", "logsnr", "trailing")
 
@@ -50,6 +50,11 @@ def sampler_timesteps(
   """
   default = get_sampler(sampler).spacing  # raises for an unknown sampler
   check_process(sampler, "ddpm")
+  if default == SIGMA_GRID:
+    raise ValueError(
+      f"sampler {sampler!r} steps on a sigma grid (jaxdiff.core.process.vp_sigma_grid), not on"
+      " indices of the chain"
+    )
   spacing = default if spacing is None else spacing
   if spacing not in SPACINGS:
     raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")

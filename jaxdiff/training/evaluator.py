@@ -26,6 +26,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdiff import data, evaluation, models
+from jaxdiff.checks import is_int
+from jaxdiff.core import process as process_lib
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.io import files
 from jaxdiff.sampling import sample_from_config
@@ -52,18 +54,18 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       lines.append(f"eval.{name}={ecfg[name]!r}: {allowed}")
 
   need(isinstance(ecfg.split, str) and bool(ecfg.split), "split", "must name a split, e.g. 'test'")
-  need(_is_int(ecfg.num_examples, 0), "num_examples", "must be an int >= 0 (0: the whole split)")
-  need(_is_int(ecfg.num_samples, 2), "num_samples", "must be an int >= 2 (a covariance needs 2)")
-  need(_is_int(ecfg.batch_size, 1), "batch_size", "must be an int >= 1")
+  need(is_int(ecfg.num_examples, 0), "num_examples", "must be an int >= 0 (0: the whole split)")
+  need(is_int(ecfg.num_samples, 2), "num_samples", "must be an int >= 2 (a covariance needs 2)")
+  need(is_int(ecfg.batch_size, 1), "batch_size", "must be an int >= 1")
   need(ecfg.features in evaluation.FEATURE_KINDS, "features",
        f"must be one of {', '.join(evaluation.FEATURE_KINDS)}")  # fmt: skip
   path = ecfg.features_path
   # Remote files are the storage's to vouch for: asking may be slow or need credentials.
   found = not path or files.is_uri(path) or files.as_path(path).is_file()
   need(found, "features_path", "must be '' (the cached classifier) or an existing file")
-  need(_is_int(ecfg.every, 0), "every", "must be an int >= 0 (0: no evaluation while training)")
-  need(_is_int(ecfg.bpd_examples, 0), "bpd_examples", "must be an int >= 0 (0: no bits/dim)")
-  need(_is_int(ecfg.fd_samples, 0) and ecfg.fd_samples != 1, "fd_samples",
+  need(is_int(ecfg.every, 0), "every", "must be an int >= 0 (0: no evaluation while training)")
+  need(is_int(ecfg.bpd_examples, 0), "bpd_examples", "must be an int >= 0 (0: no bits/dim)")
+  need(is_int(ecfg.fd_samples, 0) and ecfg.fd_samples != 1, "fd_samples",
        "must be 0 (no FD) or an int >= 2: a covariance needs at least 2 samples")  # fmt: skip
   if ecfg.every > 0 and ecfg.bpd_examples <= 0 and ecfg.fd_samples <= 0:
     lines.append(
@@ -72,8 +74,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     )
   need(not ecfg.best_metric or ecfg.best_metric in BEST_METRICS, "best_metric",
        f"must be '' or one of {', '.join(BEST_METRICS)}")  # fmt: skip
-  process = config.diffusion.get("process", "ddpm")
-  if process != "ddpm":
+  process = process_lib.kind(config.diffusion)
+  if process not in ("ddpm", "vdm"):
     need(ecfg.bpd_examples == 0, "bpd_examples",
          f"must be 0 for diffusion.process={process!r} (no bound yet)")  # fmt: skip
   needs = {"bpd": ecfg.bpd_examples, "fd": ecfg.fd_samples}
@@ -88,10 +90,6 @@ def check(config: ml_collections.ConfigDict) -> None:
   lines = problems(config)
   if lines:
     raise ValueError("; ".join(lines))
-
-
-def _is_int(x: Any, low: int) -> bool:
-  return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= low
 
 
 class LoopEvaluator:
@@ -133,7 +131,17 @@ class LoopEvaluator:
     """The evaluation record of ``params`` (keys ``eval_*``)."""
     ecfg, model_fn = self.config.eval, models.bind(self.graphdef, params)
     record: dict[str, float] = {}
-    if self.images is not None:
+    if self.images is not None and isinstance(self.diffusion, process_lib.VDM):
+      bpd = evaluation.vdm_bits_per_dim(
+        self.diffusion,
+        model_fn,
+        self.images,
+        seed=self.config.seed,
+        batch_size=ecfg.batch_size,
+        mesh=self.mesh,
+      )
+      record.update(eval_bpd=bpd["bpd"], eval_bpd_stderr=bpd["bpd_stderr"])
+    elif self.images is not None:
       bpd = evaluation.bits_per_dim(
         self.diffusion,
         model_fn,

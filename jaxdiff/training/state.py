@@ -92,12 +92,12 @@ def init_state(
   model = models.build_model(config, rngs=nnx.Rngs(params=key))
   params = nnx.state(model)
   dcfg, history = config.diffusion, None
-  allowed = process_lib.T_SAMPLERS.get(dcfg.get("process", "ddpm"), ())
-  if dcfg.t_sampler not in allowed:
+  allowed = process_lib.T_SAMPLERS.get(process_lib.kind(dcfg), ())
+  if process_lib.t_sampler(dcfg) not in allowed:
     raise ValueError(
-      f"unknown diffusion.t_sampler {dcfg.t_sampler!r}; allowed: {', '.join(allowed)}"
+      f"unknown diffusion.t_sampler {dcfg.t_sampler!r}; allowed: '', {', '.join(allowed)}"
     )
-  if dcfg.t_sampler == "importance":  # ddpm's only
+  if process_lib.t_sampler(dcfg) == "importance":  # ddpm's only
     history = timesteps.init(dcfg.num_timesteps)
   return TrainState(
     step=jnp.zeros((), jnp.int32),

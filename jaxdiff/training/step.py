@@ -38,8 +38,11 @@ def make_loss_fn(
   apply = models.Apply(graphdef)
   # Latents are continuous: the bound's L_0 is a density there, not 8-bit bins.
   decoder = "gaussian" if is_latent(config) else "discretized"
+  vdm = isinstance(diffusion, process_lib.VDM)
 
   def loss_fn(params, images, y, t, noise, weights, key):
+    # A vdm model carries its noise schedule (models.noise_schedule.ScheduledDenoiser).
+    options = {"gamma_fn": lambda s: apply.gamma(params, s)} if vdm else {}
     terms = process_lib.training_losses(
       diffusion,
       lambda x, s: apply(params, x, s, y, key=key),
@@ -49,6 +52,7 @@ def make_loss_fn(
       loss_type=dcfg.loss_type,
       min_snr_gamma=dcfg.min_snr_gamma,
       decoder=decoder,
+      **options,
     )
     return jnp.mean(terms["loss"] * weights), terms
 
@@ -143,7 +147,7 @@ def make_train_step(
     logged = autoencoder.TERMS
   else:
     loss_fn, inputs_fn = _diffusion_inputs(config, diffusion, graphdef)
-    logged = ("simple", "vb")
+    logged = ("simple", "vb", "prior", "reconstruction", "diffusion")  # the last: vdm's
   grad_fn = _accumulated(jax.value_and_grad(loss_fn, has_aux=True), accum)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):

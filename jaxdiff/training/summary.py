@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff import models, parallel
+from jaxdiff.core import process as process_lib
 from jaxdiff.training.state import abstract_state, build
 from jaxdiff.training.step import jit_train_step, make_train_step
 from jaxdiff.training.validation import validate
@@ -69,8 +70,21 @@ def dry_run(config: ml_collections.ConfigDict) -> str:
 
 
 def _process_line(dcfg: Any, diffusion: Any) -> str:
+  t_sampler = process_lib.t_sampler(dcfg)
   if dcfg.process == "flow":
-    return f"flow, t {dcfg.t_sampler} shifted by {dcfg.time_shift:g}, loss={dcfg.loss_type}"
+    return f"flow, t {t_sampler} shifted by {dcfg.time_shift:g}, loss={dcfg.loss_type}"
+  if dcfg.process == "vdm":
+    loss = f"T={dcfg.vdm_timesteps} steps" if dcfg.vdm_timesteps else "continuous time"
+    fourier = ", Fourier features" if dcfg.fourier_features else ""
+    return (
+      f"vdm, {dcfg.vdm_schedule} gamma from {dcfg.gamma_min:g}..{dcfg.gamma_max:g}, t"
+      f" {t_sampler}, loss in {loss}{fourier}"
+    )
+  if dcfg.process == "edm":
+    return (
+      f"edm, ln sigma ~ N({dcfg.p_mean:g}, {dcfg.p_std:g}^2), sigma_data={dcfg.sigma_data:g},"
+      f" sampling sigma {dcfg.sigma_min:g}..{dcfg.sigma_max:g} rho={dcfg.rho:g}"
+    )
   zero_snr = ", zero terminal SNR" if diffusion.zero_terminal_snr else ""
   return (
     f"T={diffusion.num_timesteps} {dcfg.schedule}{zero_snr}, mean={diffusion.mean_type},"

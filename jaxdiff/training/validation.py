@@ -21,10 +21,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from jaxdiff import config as config_lib
 from jaxdiff import latent, models, prompts
+from jaxdiff.checks import is_int, is_number
 from jaxdiff.core import diffusion, losses, process
 from jaxdiff.data import preparation
 from jaxdiff.io import files
@@ -113,17 +113,9 @@ def _one_per_field(lines: list[str]) -> list[str]:
   return kept
 
 
-def _is_int(x: Any, low: int) -> bool:
-  return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= low
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-
-
 def _in_unit(x: Any, *, closed: bool) -> bool:
   """x in [0, 1] (``closed``) or [0, 1)."""
-  return _is_number(x) and x >= 0.0 and (x <= 1.0 if closed else x < 1.0)
+  return is_number(x) and x >= 0.0 and (x <= 1.0 if closed else x < 1.0)
 
 
 def _loss_problems(dcfg: Any) -> list[str]:
@@ -152,28 +144,28 @@ def training_problems(config: ml_collections.ConfigDict, num_devices: int) -> li
     if not ok:
       lines.append(f"training.{name}={tcfg[name]!r}: {allowed}")
 
-  if not (_is_int(config.seed, 0) and config.seed < 2**32):
+  if not (is_int(config.seed, 0) and config.seed < 2**32):
     lines.append(f"seed={config.seed!r}: must be an int in [0, 2**32)")
   lines += _batch_problems(tcfg, num_devices)
-  need(_is_int(tcfg.num_steps, 1), "num_steps", "must be an int >= 1")
+  need(is_int(tcfg.num_steps, 1), "num_steps", "must be an int >= 1")
   need(tcfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
   lr = tcfg.learning_rate
-  need(_is_number(lr) and math.isfinite(lr) and lr > 0, "learning_rate", "must be a number > 0")
+  need(is_number(lr) and math.isfinite(lr) and lr > 0, "learning_rate", "must be a number > 0")
   wd = tcfg.weight_decay
-  need(_is_number(wd) and math.isfinite(wd) and wd >= 0, "weight_decay", "must be a number >= 0")
+  need(is_number(wd) and math.isfinite(wd) and wd >= 0, "weight_decay", "must be a number >= 0")
   for name in ("b1", "b2"):
     need(_in_unit(tcfg[name], closed=False), name, "must be a number in [0, 1)")
-  need(_is_int(tcfg.warmup_steps, 0), "warmup_steps", "must be an int >= 0")
+  need(is_int(tcfg.warmup_steps, 0), "warmup_steps", "must be an int >= 0")
   need(tcfg.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
   clip = tcfg.grad_clip
-  need(_is_number(clip) and math.isfinite(clip), "grad_clip",
+  need(is_number(clip) and math.isfinite(clip), "grad_clip",
        "must be a finite number (the largest global norm; <= 0 disables clipping)")  # fmt: skip
   need(_in_unit(tcfg.ema_decay, closed=True), "ema_decay", "must be a number in [0, 1]")
-  need(_is_int(tcfg.checkpoint_every, 1), "checkpoint_every", "must be an int >= 1")
-  need(_is_int(tcfg.keep_checkpoints, 1), "keep_checkpoints",
+  need(is_int(tcfg.checkpoint_every, 1), "checkpoint_every", "must be an int >= 1")
+  need(is_int(tcfg.keep_checkpoints, 1), "keep_checkpoints",
        "must be an int >= 1 (the newest checkpoint is always kept)")  # fmt: skip
-  need(_is_int(tcfg.log_every, 1), "log_every", "must be an int >= 1")
-  need(_is_int(tcfg.sample_every, 0), "sample_every", "must be an int >= 0 (0: no sample grids)")
+  need(is_int(tcfg.log_every, 1), "log_every", "must be an int >= 1")
+  need(is_int(tcfg.sample_every, 0), "sample_every", "must be an int >= 0 (0: no sample grids)")
   for name in ("tensorboard", "ema_warmup", "fsdp"):
     need(isinstance(tcfg[name], bool), name, "must be a bool (True or False)")
   need(isinstance(tcfg.wandb_project, str), "wandb_project", "must be a str ('' = no wandb)")
@@ -186,11 +178,11 @@ def _batch_problems(tcfg: ml_collections.ConfigDict, num_devices: int) -> list[s
   axis, so every micro-batch is spread over the data axis."""
   batch, accum = tcfg.batch_size, tcfg.grad_accum_steps
   devices = f"the {num_devices} device{'s' if num_devices != 1 else ''}"
-  if not _is_int(batch, 1):
+  if not is_int(batch, 1):
     return [f"training.batch_size={batch!r}: must be an int >= 1"]
   if batch % num_devices:
     return [f"training.batch_size={batch!r}: must be a multiple of {devices}"]
-  if not _is_int(accum, 1) or batch % accum:
+  if not is_int(accum, 1) or batch % accum:
     return [f"training.grad_accum_steps={accum!r}: must be an int >= 1 dividing batch_size={batch}"]
   if (batch // accum) % num_devices:
     return [
@@ -212,11 +204,11 @@ def data_problems(config: ml_collections.ConfigDict) -> list[str]:
   need(isinstance(data.name, str) and bool(data.name), "name",
        "must name a tfds dataset or be 'image_folder'")  # fmt: skip
   need(isinstance(data.split, str) and bool(data.split), "split", "must name a split, e.g. 'train'")
-  need(_is_int(data.image_size, 1), "image_size", "must be an int >= 1")
+  need(is_int(data.image_size, 1), "image_size", "must be an int >= 1")
   need(data.channels in IMAGE_CHANNELS, "channels", "must be 1 (grey) or 3 (RGB)")
-  need(_is_int(data.num_classes, 1), "num_classes", "must be an int >= 1")
-  need(_is_int(data.num_workers, 0), "num_workers", "must be an int >= 0 (0: no worker processes)")
-  need(_is_int(data.prefetch, 0), "prefetch", "must be an int >= 0")
+  need(is_int(data.num_classes, 1), "num_classes", "must be an int >= 1")
+  need(is_int(data.num_workers, 0), "num_workers", "must be an int >= 0 (0: no worker processes)")
+  need(is_int(data.prefetch, 0), "prefetch", "must be an int >= 0")
   if data.name == "image_folder":
     folder = data.image_folder
     if not folder:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,7 @@ def ode_log_likelihood(
   method: str = "rk4",
   divergence: str = "hutchinson",
   prior_logp: Callable[[jax.Array], jax.Array] = std_normal_logp,
+  probe: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """``log p_t0(x)`` by integrating the augmented probability-flow ODE from t0 to t1.
 
@@ -115,6 +117,8 @@ def ode_log_likelihood(
     method: ``heun`` (2 drift evaluations per step) or ``rk4`` (4).
     divergence: ``hutchinson`` or ``exact``.
     prior_logp: ``log p_t1`` per example.
+    probe: Hutchinson's z, like x (in place of one drawn from ``key``): e.g. drawn per example,
+      so that an example's estimate does not depend on the batch it is in.
 
   Returns:
     dict of ``log_p`` (``[B]`` nats), ``prior_logp`` and ``delta_logp`` (its two parts, ``[B]``)
@@ -124,9 +128,9 @@ def ode_log_likelihood(
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
   if divergence not in DIVERGENCES:
     raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
-  if divergence == "hutchinson":
+  if divergence == "hutchinson" and probe is None:
     if key is None:
-      raise ValueError("divergence='hutchinson' needs a key for its Rademacher probe")
+      raise ValueError("divergence='hutchinson' needs a key (or a probe) for its Rademacher probe")
     probe = rademacher(key, x.shape, x.dtype)
   batch = x.shape[:1]
 
@@ -156,3 +160,78 @@ def ode_log_likelihood(
   (z, delta), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
   prior = prior_logp(z)
   return {"log_p": prior + delta, "prior_logp": prior, "delta_logp": delta, "z": z}
+
+
+def denoiser_drift(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> DriftFn:
+  """The probability-flow ODE of ``x = y + sigma n`` in ``u = ln sigma``: ``dx/du = x - D(x;
+  sigma)``, Karras et al. 2022, eq. 3 (``dx/dsigma = (x - D) / sigma`` with ``sigma(t) = t``,
+  ``s(t) = 1``) times ``dsigma/du = sigma``. Every process is this ODE in its own scaled
+  coordinates (``x_t / alpha_t``, ``sigma_t / alpha_t``), so one solver serves all; in ``ln
+  sigma`` the steps are even across the noise levels, where sigma itself spans five decades.
+
+  Args:
+    denoise_fn: ``D(x, sigma) -> [B, ...]``, sigma as ``[B]``.
+
+  Returns:
+    ``f(x, u)`` for :func:`ode_log_likelihood`, u as ``[B]``.
+  """
+  return lambda x, u: x - denoise_fn(x, jnp.exp(u))
+
+
+class SigmaView(NamedTuple):
+  """A model seen as ``x = y + sigma n`` (Karras et al. 2022, eq. 4): what
+  :func:`sigma_log_likelihood` needs of any process (``jaxdiff.core.process.sigma_view``).
+
+  Attributes:
+    denoise: ``D(x, sigma) -> x0 estimate``, sigma as ``[B]``.
+    sigma_min, sigma_max: the levels the ODE runs between.
+    prior_var: the variance of the Gaussian prior at sigma_max.
+  """
+
+  denoise: Callable[[jax.Array, jax.Array], jax.Array]
+  sigma_min: float
+  sigma_max: float
+  prior_var: float
+
+
+def gaussian_logp(x: jax.Array, var: float | jax.Array) -> jax.Array:
+  """``log N(x; 0, var I)`` per example, ``[B]`` nats: the prior at a finite largest sigma."""
+  dims = math.prod(x.shape[1:])
+  return -0.5 * sum_flat(jnp.square(x)) / var - 0.5 * dims * jnp.log(2.0 * math.pi * var)
+
+
+def sigma_log_likelihood(
+  denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  x: jax.Array,
+  key: jax.Array | None = None,
+  *,
+  sigma_min: float,
+  sigma_max: float,
+  prior_var: float,
+  num_steps: int = 100,
+  method: str = "rk4",
+  divergence: str = "hutchinson",
+  probe: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+  """``log p_{sigma_min}(x)`` of the denoiser's probability-flow ODE (:func:`denoiser_drift`),
+  solved by :func:`ode_log_likelihood` from ``ln sigma_min`` to ``ln sigma_max`` with the prior
+  ``N(0, prior_var I)`` at sigma_max (``sigma_max^2 + Var[y]`` for data y; the variance-preserving
+  prior N(0, I) of ``x_t`` is ``1 + sigma^2`` in these coordinates).
+
+  Returns:
+    :func:`ode_log_likelihood`'s dict, in nats per example of ``x`` in these coordinates.
+  """
+  if not 0 < sigma_min < sigma_max:
+    raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+  return ode_log_likelihood(
+    denoiser_drift(denoise_fn),
+    x,
+    key,
+    num_steps=num_steps,
+    t0=math.log(sigma_min),
+    t1=math.log(sigma_max),
+    method=method,
+    divergence=divergence,
+    prior_logp=lambda z: gaussian_logp(z, prior_var),
+    probe=probe,
+  )

@@ -190,3 +190,89 @@ def reconstruction_nll(
   logp = decoder_logprobs(z_0, gamma_0, vocab_size=vocab_size, centered=centered)
   k = pixel_indices(x, vocab_size, centered=centered)
   return -sum_flat(jnp.take_along_axis(logp, k[..., None], axis=-1)[..., 0])
+
+
+# ----------------------------------------------------------------------------- the schedule's
+# variance-minimising gradient
+
+
+@jax.custom_vjp
+def variance_tap(gammas: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """``(gammas, carrier)``: gammas unchanged and a ``[B]`` zero carrier for :func:`variance_close`.
+
+  Kingma et al. 2021, App. I.2 (the variance-minimising schedule): the schedule's parameters
+  eta should follow ``d E[L_diff^2] / d eta = E[2 L_diff dL_diff / d eta]`` rather than the
+  bound's gradient, which for the shape between the endpoints is zero in expectation. Every path
+  from eta to the diffusion loss goes through its gamma values (``z_t``'s alpha and sigma, the
+  weight gamma'(t), the gap ``gamma(t) - gamma(s)``); tapping them here and closing the loss with
+  :func:`variance_close` multiplies the cotangent that reaches them, per example, by
+  ``2 L_diff``, while everything else (the denoiser, behind eps_hat) gets the plain gradient.
+  The forward pass is the identity. Each ``gammas`` entry is ``[B]``.
+  """
+  return gammas, jnp.zeros_like(gammas[0])
+
+
+def _tap_fwd(gammas):
+  return variance_tap(gammas), None
+
+
+def _tap_bwd(_, cotangents):
+  ct_gammas, ct_carrier = cotangents  # ct_carrier: the loss itself, from variance_close
+  return (tuple(2.0 * ct_carrier * ct for ct in ct_gammas),)
+
+
+variance_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+@jax.custom_vjp
+def variance_close(loss: jax.Array, carrier: jax.Array) -> jax.Array:
+  """``loss`` ``[B]`` unchanged; its backward pass hands ``loss`` (not a gradient) to the
+  carrier of :func:`variance_tap`, which scales the gamma cotangents by ``2 loss``."""
+  del carrier
+  return loss
+
+
+def _close_fwd(loss, carrier):
+  del carrier
+  return loss, loss
+
+
+def _close_bwd(loss, ct):
+  return ct, jax.lax.stop_gradient(loss)
+
+
+variance_close.defvjp(_close_fwd, _close_bwd)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def ancestral_step(
+  z_t: jax.Array, eps_hat: jax.Array, gamma_t: jax.Array, gamma_s: jax.Array, noise: jax.Array
+) -> jax.Array:
+  """One draw of ``p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t))``, s < t.
+
+  Kingma et al. 2021, Sec. 3.3, in terms of eps (the official code's ``VDM.sample``): with
+  ``c = -expm1(gamma_s - gamma_t) = 1 - SNR(t) / SNR(s)``,
+  ``z_s = alpha_s / alpha_t (z_t - sigma_t c eps_hat) + sqrt(sigma_s^2 c) noise``.
+
+  Args:
+    z_t, eps_hat, noise: ``[B, H, W, C]``.
+    gamma_t, gamma_s: gamma at t and s, scalars or ``[B]``.
+  """
+  g_t, g_s = bcast(gamma_t, z_t.ndim), bcast(gamma_s, z_t.ndim)
+  c = -jnp.expm1(g_s - g_t)
+  mean = jnp.sqrt(jax.nn.sigmoid(-g_s) / jax.nn.sigmoid(-g_t)) * (
+    z_t - jnp.sqrt(jax.nn.sigmoid(g_t)) * c * eps_hat
+  )
+  return mean + jnp.sqrt(jax.nn.sigmoid(g_s) * c) * noise
+
+
+def ddim_step(
+  z_t: jax.Array, eps_hat: jax.Array, gamma_t: jax.Array, gamma_s: jax.Array
+) -> jax.Array:
+  """The deterministic step ``z_s = alpha_s x_hat + sigma_s eps_hat``, ``x_hat = (z_t - sigma_t
+  eps_hat) / alpha_t``: Song et al. 2021 (DDIM), eq. 12 with sigma = 0, on VDM's gamma."""
+  g_t, g_s = bcast(gamma_t, z_t.ndim), bcast(gamma_s, z_t.ndim)
+  x_hat = (z_t - jnp.sqrt(jax.nn.sigmoid(g_t)) * eps_hat) / jnp.sqrt(jax.nn.sigmoid(-g_t))
+  return jnp.sqrt(jax.nn.sigmoid(-g_s)) * x_hat + jnp.sqrt(jax.nn.sigmoid(g_s)) * eps_hat
