@@ -238,7 +238,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.cache_dir = ""  # reference statistics and classifiers; "" = $JAXDIFF_CACHE or ~/.cache/jaxdiff
   # Evaluation inside training, of the EMA parameters the loop holds (no checkpoint read):
   ev.every = 0  # steps between evaluations; 0 = none
-  ev.bpd_examples = 0  # bits/dim on this many fixed test images (0 = skip)
+  # bits/dim on this many fixed test images (0 = skip): the bound of ddpm and vdm, the
+  # probability-flow ODE's of flow and edm
+  ev.bpd_examples = 0
   ev.fd_samples = 0  # FD/IS of this many samples drawn per config.sampling (0 = skip)
   ev.best_metric = ""  # "bpd" | "fd": also keep the checkpoint that is best by it
 

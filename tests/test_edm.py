@@ -323,7 +323,7 @@ def test_every_bad_edm_field_is_one_line_at_once(image_dir):
     "diffusion.p_std=-1.0: must be a number > 0",
     "diffusion.sigma_max=0.1: must be a number > diffusion.sigma_min (0.5)",
     "diffusion.rho=0.0: must be a number > 0 (EDM: 7)",
-    f"diffusion.loss_type='l1': must be mse {edm} (lambda(sigma)-weighted L2; no bound yet)",
+    f"diffusion.loss_type='l1': must be mse {edm} (the lambda(sigma)-weighted L2)",
     f"diffusion.var_type='learned': must be fixed_small or fixed_large {edm} (no variance output)",
     f"diffusion.min_snr_gamma=5.0: must be 0 {edm} (a ddpm weighting)",
     f"diffusion.zero_terminal_snr=True: must be False {edm} (a ddpm rescaling)",

@@ -240,14 +240,14 @@ def test_every_bad_flow_field_is_one_line_at_once(image_dir):
     f"diffusion.t_sampler='importance': must be '' or one of uniform, logit_normal {flow}",
     "diffusion.logit_std=-1.0: must be a number > 0",
     "diffusion.time_shift=0.0: must be a number > 0 (1: no shift)",
-    f"diffusion.loss_type='kl': must be one of mse, l1, huber {flow} (it has no bound yet)",
+    f"diffusion.loss_type='kl': must be one of mse, l1, huber {flow} (kl and hybrid are the ddpm"
+    " chain's)",
     f"diffusion.var_type='learned_range': must be fixed_small or fixed_large {flow} (no variance"
     " output)",
     f"diffusion.min_snr_gamma=5.0: must be 0 {flow} (a ddpm weighting)",
     f"diffusion.zero_terminal_snr=True: must be False {flow} (a ddpm rescaling)",
     "sampling.sampler='pc': allowed for diffusion.process='flow': ddim, dpm++2m, euler, heun",
     "sampling.spacing='trailing': '' for diffusion.process='flow' (its own grid)",
-    "eval.bpd_examples=8: must be 0 for diffusion.process='flow' (no bound yet)",
   ]
   config.diffusion.process = "rf"
   config.sampling.sampler, config.sampling.spacing = "heun", ""
@@ -311,3 +311,25 @@ def test_jaxdiff_train_and_sample_a_flow_config(image_dir, tmp_path):
   assert "--metric bpd: the flow process has no variational bound; use --metric ode_bpd" in (
     bpd.stderr
   )
+
+
+def test_evaluation_inside_training_gives_a_flow_run_its_ode_bits_per_dim(image_dir, monkeypatch):
+  """eval.bpd_examples of a process without a bound is the probability-flow ODE's bits/dim
+  (RK4 steps cut to 2 here); the same parameters give the same number."""
+  from flax import nnx
+
+  from jaxdiff import models, parallel
+  from jaxdiff.training import evaluator
+
+  monkeypatch.setattr(evaluator, "ODE_STEPS", 2)
+  config = _flow_config(
+    image_dir, model__name="dit", eval__every=1, eval__bpd_examples=4, eval__batch_size=8
+  )
+  assert validation.problems(config, num_devices=8) == []
+  graphdef, params = nnx.split(models.build_model(config, rngs=nnx.Rngs(0)))
+  loop_eval = evaluator.LoopEvaluator(
+    config, graphdef, P.from_config(config.diffusion), parallel.make_mesh()
+  )
+  record = loop_eval(params)
+  assert set(record) == {"eval_bpd", "eval_bpd_stderr"} and np.isfinite(record["eval_bpd"])
+  assert loop_eval(params) == record

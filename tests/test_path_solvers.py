@@ -167,3 +167,22 @@ def test_dpmpp_2m_on_edm_and_vdm_matches_float64_and_the_exact_transport(
     exact = mu + math.sqrt((sd**2 + s0**2) / (sd**2 + s1**2)) * (x1 - mu)
   np.testing.assert_allclose(x, want, atol=5e-5)
   np.testing.assert_allclose(x, exact, atol=exact_tol)
+
+
+@pytest.mark.parametrize(
+  "process, draw",
+  [("ddpm", "uniform"), ("flow", "uniform"), ("edm", "log_normal"), ("vdm", "low_discrepancy")],
+)
+def test_a_process_alone_is_a_whole_config_with_its_own_time_draw(process, draw):
+  """``--config.diffusion.process=X`` and nothing else: the defaults pass every process's check
+  and t_sampler "" resolves to the process's own draw."""
+  from jaxdiff.config import get_config
+
+  dcfg = get_config().diffusion
+  dcfg.process = process
+  assert dcfg.t_sampler == "" and P.check_config(dcfg) == []
+  assert P.t_sampler(dcfg) == draw and P.kind(dcfg) == process
+  built = P.from_config(dcfg)
+  assert P.name(built) == process
+  if process in ("flow", "vdm"):
+    assert built.t_sampler == draw

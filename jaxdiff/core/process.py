@@ -576,7 +576,7 @@ def _flow_problems(dcfg: Any) -> list[str]:
        "must be a number > 0 (1: no shift)")  # fmt: skip
   losses_ = ", ".join(FLOW_LOSS_TYPES)
   need(dcfg.loss_type in FLOW_LOSS_TYPES, "loss_type",
-       f"must be one of {losses_} {flow_only} (it has no bound yet)")  # fmt: skip
+       f"must be one of {losses_} {flow_only} (kl and hybrid are the ddpm chain's)")  # fmt: skip
   return list(problems)
 
 
@@ -598,5 +598,5 @@ def _edm_problems(dcfg: Any) -> list[str]:
        f"must be a number > diffusion.sigma_min ({dcfg.sigma_min!r})")  # fmt: skip
   need(number(dcfg.rho) and dcfg.rho > 0, "rho", "must be a number > 0 (EDM: 7)")
   need(dcfg.loss_type == "mse", "loss_type",
-       f"must be mse {edm_only} (lambda(sigma)-weighted L2; no bound yet)")  # fmt: skip
+       f"must be mse {edm_only} (the lambda(sigma)-weighted L2)")  # fmt: skip
   return list(problems)
