@@ -160,6 +160,30 @@ def test_stochastic_sampler_is_heun_without_churn_and_deterministic_by_seed():
   d = S.sample(EDM, EDM_GAUSSIAN, jax.random.key(1), X_T.shape, sampler="edm_stochastic",
                **kw, **{**churn, "s_tmax": 0.0})  # fmt: skip
   assert not np.allclose(a, d)
+  # temperature scales the added noise as s_noise does; at 0 the key no longer matters.
+  cold = [
+    S.sample(
+      EDM,
+      EDM_GAUSSIAN,
+      jax.random.key(k),
+      X_T.shape,
+      sampler="edm_stochastic",
+      **kw,
+      **churn,
+      temperature=0.0,
+    )  # fmt: skip
+    for k in (1, 2)
+  ]
+  np.testing.assert_array_equal(*cold)
+  assert not np.allclose(cold[0], a) and not np.allclose(cold[0], heun)
+  half = dict(churn, s_noise=churn["s_noise"] / 2)
+  np.testing.assert_allclose(
+    S.sample(EDM, EDM_GAUSSIAN, jax.random.key(1), X_T.shape, sampler="edm_stochastic", **kw,
+             **churn, temperature=0.5),
+    S.sample(EDM, EDM_GAUSSIAN, jax.random.key(1), X_T.shape, sampler="edm_stochastic", **kw,
+             **half),
+    rtol=0, atol=1e-6,
+  )  # fmt: skip
 
 
 def test_stochastic_sampler_reaches_the_data_distribution():

@@ -45,7 +45,7 @@ class SamplerDef(NamedTuple):
 
 SIGMA_GRID = "sigma"
 _NOISY = ("clip_denoised", "temperature")
-_CHURN = ("clip_denoised", "s_churn", "s_tmin", "s_tmax", "s_noise")
+_CHURN = (*_NOISY, "s_churn", "s_tmin", "s_tmax", "s_noise")
 _PC = (*_NOISY, "snr", "n_corrector_steps", "predictor")
 
 REGISTRY: dict[str, SamplerDef] = {

@@ -94,6 +94,7 @@ def stochastic_sampler(
   s_tmin: float = 0.0,
   s_tmax: float = NO_S_TMAX,
   s_noise: float = 1.0,
+  temperature: float = 1.0,
 ) -> Sampler:
   """Karras et al. 2022, Alg. 2 (:func:`jaxdiff.core.continuous.edm.stochastic_step`): each step
   first raises sigma by ``gamma = min(s_churn / S, sqrt(2) - 1)`` (for ``s_tmin <= sigma <=
@@ -107,6 +108,8 @@ def stochastic_sampler(
       upper bound.
     s_noise: the scale of the added noise (EDM: slightly above 1 offsets the denoiser's loss of
       detail).
+    temperature: scales the added noise too, as every sampler's ``temperature`` scales what it
+      injects (0: no noise, the Heun steps alone on the raised sigmas).
   """
   if min(s_churn, s_tmin, s_tmax) < 0 or s_noise <= 0:
     raise ValueError(
@@ -116,7 +119,8 @@ def stochastic_sampler(
   if s_tmax != NO_S_TMAX and s_tmax < s_tmin:
     raise ValueError(f"s_tmax={s_tmax} is below s_tmin={s_tmin}; use s_tmax >= s_tmin or 0")
   upper = math.inf if s_tmax == NO_S_TMAX else float(s_tmax)
-  churn = dict(s_churn=float(s_churn), s_tmin=float(s_tmin), s_tmax=upper, s_noise=float(s_noise))
+  noise = float(s_noise) * float(temperature)
+  churn = dict(s_churn=float(s_churn), s_tmin=float(s_tmin), s_tmax=upper, s_noise=noise)
 
   def step(carry: State, i: jax.Array, t_index: jax.Array, chain: Chain) -> State:
     ode_step = functools.partial(edm.stochastic_step, num_steps=chain.d.num_timesteps, **churn)
