@@ -142,8 +142,11 @@ def test_ode_bits_per_dim_refuses_bad_input():
     ode_bpd.ode_bits_per_dim(view, images, batch_size=8, num_steps=0)
   with pytest.raises(ValueError, match=r"method='euler', divergence='hutchinson': allowed"):
     ode_bpd.ode_bits_per_dim(view, images, batch_size=8, method="euler")
-  with pytest.raises(ValueError, match=r"images must be uint8 \[N, H, W, C\] with N >= 1, got"):
+  with pytest.raises(ValueError, match=r"images must be uint8 \[N, H, W, C\] \(8-bit pixels\), got"
+                     r" float32"):  # fmt: skip
     ode_bpd.ode_bits_per_dim(view, images.astype(np.float32), batch_size=8)
+  with pytest.raises(ValueError, match=r"images must be \[N, H, W, C\] with N >= 1, got shape"):
+    ode_bpd.ode_bits_per_dim(view, images[:0], batch_size=8)
 
 
 # ----------------------------------------------------------------------------- every process

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -43,6 +43,45 @@ _prior_bpd = jax.jit(likelihood.prior_bpd)
 @jax.jit
 def _example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+
+
+class ExampleBatches:
+  """The N examples of a likelihood evaluation, checked and read in sharded global batches.
+
+  Iterating gives ``(lo, hi, images, keys)`` per batch: examples ``lo:hi`` of the N (the batch
+  is padded past ``hi`` to a multiple of the devices), the global batch, and example i's key
+  ``fold_in(key(seed), i)`` (``[B]``), so what an example draws depends on neither the batch
+  size nor the device count. Shared by :func:`bits_per_dim`, :func:`vdm_bits_per_dim` and
+  :func:`jaxdiff.evaluation.ode_bpd.ode_bits_per_dim`.
+
+  Raises:
+    ValueError: a batch size that does not split over the mesh's devices, or images that are
+      not ``[N, H, W, C]`` with N >= 1.
+  """
+
+  def __init__(
+    self, images: np.ndarray, *, batch_size: int, mesh: Mesh, seed: int, pixels: bool = False
+  ):
+    parallel.check_batch_size(batch_size, mesh, what="batch_size")
+    self.images = np.asarray(images)
+    if self.images.ndim != 4 or len(self.images) == 0:
+      raise ValueError(f"images must be [N, H, W, C] with N >= 1, got shape {self.images.shape}")
+    self.mesh, self.seed, self.n = mesh, seed, len(self.images)
+    self.reader = data.SplitReader(
+      data.ArraySource(self.images), batch_size=batch_size, multiple=mesh.size, prefetch=0,
+      pixels=pixels,
+    )  # fmt: skip
+
+  def __len__(self) -> int:
+    return len(self.reader)
+
+  def __iter__(self) -> Iterator[tuple[int, int, jax.Array, jax.Array]]:
+    size = self.reader.batch_size
+    for b, batch in enumerate(self.reader):
+      local = {"image": batch["image"], "index": batch["index"].astype(np.int32)}
+      x = parallel.global_batch(self.mesh, local)
+      keys = _example_keys(jax.random.key(self.seed), x["index"])
+      yield b * size, min((b + 1) * size, self.n), x["image"], keys
 
 
 @dataclasses.dataclass
@@ -173,14 +212,8 @@ def bits_per_dim(
     raise ValueError(f"t_chunk={t_chunk} must be >= 1")
   clip_denoised = bool(clip_denoised)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  parallel.check_batch_size(batch_size, mesh, what="batch_size")
-  images = np.asarray(images)
-  if images.ndim != 4 or len(images) == 0:
-    raise ValueError(f"images must be [N, H, W, C] with N >= 1, got shape {images.shape}")
-  reader = data.SplitReader(
-    data.ArraySource(images), batch_size=batch_size, multiple=mesh.size, prefetch=0
-  )
-  n, T = len(images), d.num_timesteps
+  batches = ExampleBatches(images, batch_size=batch_size, mesh=mesh, seed=seed)
+  n, T = batches.n, d.num_timesteps
   k = min(t_chunk, T)
   # Fixed-length chunks (the last padded with t = T - 1, its columns dropped): one compile.
   chunks = [np.arange(s, min(s + k, T)) for s in range(0, T, k)]
@@ -188,16 +221,9 @@ def bits_per_dim(
   quiet = not progress or jax.process_index() != 0
   # One tick per compiled chunk of k timesteps of one batch: batches x chunks in all.
   desc = f"bits/dim ({n} examples, {T} timesteps)"
-  bar = tqdm.tqdm(total=len(reader) * len(chunks), disable=quiet, unit="t-chunk", desc=desc)
-  for b, batch in enumerate(reader):
-    lo, hi = b * reader.batch_size, min((b + 1) * reader.batch_size, n)
-    x = parallel.global_batch(
-      mesh, {"image": batch["image"], "index": batch["index"].astype(np.int32)}
-    )
-    keys = _example_keys(jax.random.key(seed), x["index"])
-    _add_batch(
-      sums, d, model_fn, x["image"], keys, chunks, clip_denoised, lo, hi, bar.update, decoder
-    )
+  bar = tqdm.tqdm(total=len(batches) * len(chunks), disable=quiet, unit="t-chunk", desc=desc)
+  for lo, hi, x, keys in batches:
+    _add_batch(sums, d, model_fn, x, keys, chunks, clip_denoised, lo, hi, bar.update, decoder)
     bar.set_postfix(bpd=f"{sums.total[:hi].mean():.4f}")
   bar.close()
   summary, terms = _record(sums, n)
@@ -269,24 +295,13 @@ def vdm_bits_per_dim(
   if process_lib.vdm_process.model_schedule(model_fn) is None:
     raise ValueError("model_fn must be a bound vdm model (jaxdiff.models.bind): its schedule")
   mesh = parallel.make_mesh() if mesh is None else mesh
-  parallel.check_batch_size(batch_size, mesh, what="batch_size")
-  images = np.asarray(images)
-  if images.ndim != 4 or len(images) == 0:
-    raise ValueError(f"images must be [N, H, W, C] with N >= 1, got shape {images.shape}")
-  reader = data.SplitReader(
-    data.ArraySource(images), batch_size=batch_size, multiple=mesh.size, prefetch=0
-  )
-  n = len(images)
+  batches = ExampleBatches(images, batch_size=batch_size, mesh=mesh, seed=seed)
+  n = batches.n
   prior, recon, diff = np.zeros(n), np.zeros(n), np.zeros(n)
   quiet = not progress or jax.process_index() != 0
-  bar = tqdm.tqdm(total=len(reader), disable=quiet, unit="batch", desc=f"bits/dim ({n} examples)")
-  for b, batch in enumerate(reader):
-    lo, hi = b * reader.batch_size, min((b + 1) * reader.batch_size, n)
-    x = parallel.global_batch(
-      mesh, {"image": batch["image"], "index": batch["index"].astype(np.int32)}
-    )
-    keys = _example_keys(jax.random.key(seed), x["index"])
-    terms = parallel.to_host(_vdm_terms(p, model_fn, x["image"], keys, num_t))
+  bar = tqdm.tqdm(total=len(batches), disable=quiet, unit="batch", desc=f"bits/dim ({n} examples)")
+  for lo, hi, x, keys in batches:
+    terms = parallel.to_host(_vdm_terms(p, model_fn, x, keys, num_t))
     prior[lo:hi], recon[lo:hi] = terms[0][: hi - lo], terms[1][: hi - lo]
     diff[lo:hi] = np.asarray(terms[2], np.float64)[:, : hi - lo].mean(axis=0)
     bar.update(1)

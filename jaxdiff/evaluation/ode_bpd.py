@@ -36,8 +36,9 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from jaxdiff import data, parallel
+from jaxdiff import parallel
 from jaxdiff.core.continuous import ode
+from jaxdiff.evaluation import bpd
 
 PIXEL_SCALE = 127.5  # x = p / 127.5 - 1: the data scaling of jaxdiff.io.images
 
@@ -114,34 +115,25 @@ def ode_bits_per_dim(
       f" {', '.join(ode.METHODS)}, divergences {', '.join(ode.DIVERGENCES)}"
     )
   images = np.asarray(images)
-  if images.ndim != 4 or len(images) == 0 or images.dtype != np.uint8:
-    raise ValueError(
-      f"images must be uint8 [N, H, W, C] with N >= 1, got {images.dtype} {images.shape}"
-    )
+  if images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 [N, H, W, C] (8-bit pixels), got {images.dtype}")
   mesh = parallel.make_mesh() if mesh is None else mesh
-  parallel.check_batch_size(batch_size, mesh, what="batch_size")
-  reader = data.SplitReader(
-    data.ArraySource(images), batch_size=batch_size, multiple=mesh.size, prefetch=0, pixels=True
-  )
+  batches = bpd.ExampleBatches(images, batch_size=batch_size, mesh=mesh, seed=seed, pixels=True)
   options = dict(num_steps=int(num_steps), method=method, divergence=divergence)
   batch_bpd = jax.jit(functools.partial(_batch_bpd, view, options))
-  n, bpd = len(images), np.zeros(len(images))
+  n = batches.n
+  bits = np.zeros(n)
   quiet = not progress or jax.process_index() != 0
   desc = f"ODE bits/dim ({n} examples, {num_steps} {method} steps)"
-  with tqdm.tqdm(total=len(reader), disable=quiet, unit="batch", desc=desc) as bar:
-    for b, batch in enumerate(reader):
-      lo, hi = b * reader.batch_size, min((b + 1) * reader.batch_size, n)
-      x = parallel.global_batch(
-        mesh, {"image": batch["image"], "index": batch["index"].astype(np.int32)}
-      )
-      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(x["index"])
-      bpd[lo:hi] = parallel.to_host(batch_bpd(x["image"], keys))[: hi - lo]
+  with tqdm.tqdm(total=len(batches), disable=quiet, unit="batch", desc=desc) as bar:
+    for lo, hi, x, keys in batches:
+      bits[lo:hi] = parallel.to_host(batch_bpd(x, keys))[: hi - lo]
       bar.update(1)
-      bar.set_postfix(bpd=f"{bpd[:hi].mean():.4f}")
-  stderr = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+      bar.set_postfix(bpd=f"{bits[:hi].mean():.4f}")
+  stderr = float(bits.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
   return {
     "metric": "ode_bpd",
-    "bpd": float(bpd.mean()),
+    "bpd": float(bits.mean()),
     "bpd_stderr": stderr,
     "num_examples": n,
     **options,
@@ -149,5 +141,5 @@ def ode_bits_per_dim(
     "sigma_max": float(view.sigma_max),
     "seed": seed,
     "seconds": round(time.perf_counter() - start, 1),
-    "per_example_bpd": bpd,
+    "per_example_bpd": bits,
   }
