@@ -125,7 +125,8 @@ def _fd(run, net, reference, n: int, sampler: str, steps: int, out: Path) -> dic
   record = evaluation.sample_quality(
     sample_fn, net, reference, num_samples=n, batch_size=run.config.eval.batch_size, mesh=run.mesh
   )
-  record = {"metric": "fd", "step": run.step, "sampler": sampler, "steps": steps, **record}
+  context = {"step": run.step, "params": "ema", "sampler": sampler, "steps": steps}
+  record = {"metric": "fd", **context, **record}
   record["files"] = evaluation.write_fid(out, record)
   return record
 
