@@ -11,8 +11,8 @@ where they are :mod:`.flow`'s. The state starts at ``x_T`` scaled to the grid's 
 (:func:`jaxdiff.core.process.sigma_start`) and ends at sigma = 0, the data; with
 ``clip_denoised`` that last sample is clipped to [-1, 1], as the flow samplers do (the ODE
 itself is left unclipped). A trajectory's frames after x_T are the sigma-scale states x_sigma
-(for ddpm ``x_t / alpha_t``), not the chain's x_t. There is no temperature: ``edm_stochastic``'s
-``s_noise`` scales the only noise a sigma sampler adds.
+(for ddpm ``x_t / alpha_t``), not the chain's x_t. Only ``edm_stochastic`` adds noise, scaled by
+``s_noise`` times ``temperature``; ``euler`` and ``heun`` are deterministic.
 """
 
 from __future__ import annotations
