@@ -2,7 +2,9 @@
 v-prediction with min-SNR, EDM, VDM and flow matching, each trained on the main job's budget.
 
 Run from the repository root; a recipe whose run is complete is reused, one that is not is
-trained (or resumed) first, so the study can be built up over several sittings::
+trained (or resumed) first, and a recipe already measured in ``OUT/study.json`` (same step and
+sizes) is not measured again unless ``--redo``, so the study can be built up over several
+sittings, one recipe at a time::
 
   python benchmarks/study_processes.py --root runs/study_processes            # all recipes
   python benchmarks/study_processes.py --root runs/study_processes --recipes ddpm,flow
@@ -20,7 +22,8 @@ is the noise process and its loss. For each, with the EMA parameters of the last
    (ddpm's T-term bound on ``--bound_examples`` images; VDM's continuous-time bound);
 3. time per training step: the jitted train steps of all recipes timed round-robin in this one
    process (``--time_rounds`` rounds of ``--time_steps`` steps each; medians), so the ratios are
-   paired on the same machine state.
+   paired on the same machine state. This runs once every recipe has its row (or with
+   ``--time``), over all of them.
 
 Writes ``OUT/study.json`` (every record), ``OUT/samples.png`` (64 samples of each recipe's best
 sampler) and ``OUT/fd.png``, and prints the README's table. Default OUT is
@@ -77,6 +80,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--time_rounds", type=int, default=5)
   p.add_argument("--time_steps", type=int, default=5)
   p.add_argument("--num_steps", type=int, default=None, help="override the training steps")
+  p.add_argument("--redo", action="store_true", help="measure recipes already in study.json")
+  p.add_argument("--time", action="store_true", help="time the train steps now")
   p.add_argument("--cache_dir", default=None)
   p.add_argument("--manual_dir", default="../shared/data/fashion_mnist")
   return p.parse_args(argv)
@@ -90,6 +95,10 @@ def recipe_config(name: str, args: argparse.Namespace):
   for dotted, value in RECIPES[name][0].items():
     section, key = dotted.split(".")
     config[section][key] = value
+  if config.diffusion.process != "ddpm":
+    # The main job's sampler (ddim) is not one of every process: the samples drawn during
+    # training use the recipe's first.
+    config.sampling.sampler, config.sampling.num_steps = RECIPES[name][1][0]
   if args.num_steps:
     config.training.num_steps = args.num_steps
   return config
@@ -213,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
   for name in names:
     workdir = _train(name, args)
     run = load_run(workdir)
+    if not args.redo and _measured(study, name, run.step, args):
+      print(f"{name}: measured at step {run.step} already (--redo measures again)", flush=True)
+      continue
     net = evaluation.feature_net("classifier", None, run.config.data, args.cache_dir)
     reference, _ = evaluation.reference_stats(
       net, run.config.data, split="test", cache_dir=evaluation.cache_dir(args.cache_dir)
@@ -232,16 +244,31 @@ def main(argv: list[str] | None = None) -> None:
     study["recipes"][name] = row
     study.update(fd_samples=args.fd_samples, bpd_examples=args.bpd_examples)
     _save(out, study)
-  study["seconds_per_step"] = _step_times([n for n in RECIPES if n in study["recipes"]], args)
-  _save(out, study)
+  if args.time or set(study["recipes"]) == set(RECIPES):
+    study["seconds_per_step"] = _step_times([n for n in RECIPES if n in study["recipes"]], args)
+    _save(out, study)
   plot(study, out)
   print(table(study))
+
+
+def _measured(study: dict, name: str, step: int, args: argparse.Namespace) -> bool:
+  row = study["recipes"].get(name)
+  return (
+    row is not None and row["step"] == step
+    and study.get("fd_samples") == args.fd_samples
+    and study.get("bpd_examples") == args.bpd_examples
+  )  # fmt: skip
 
 
 def _save(out: Path, study: dict) -> None:
   tmp = out / "study.json.tmp"
   tmp.write_text(json.dumps(study, indent=1) + "\n")
   tmp.replace(out / "study.json")
+
+
+def _rows(study: dict) -> dict[str, dict]:
+  """The measured recipes, in the order of :data:`RECIPES`."""
+  return {n: study["recipes"][n] for n in RECIPES if n in study["recipes"]}
 
 
 def _best(row: dict) -> dict:
@@ -255,7 +282,7 @@ def table(study: dict) -> str:
     "| recipe | best sampler | FD | ODE bits/dim | own bound | s/step (ratio) |",
     "|---|---|---:|---:|---:|---:|",
   ]
-  for name, row in study["recipes"].items():
+  for name, row in _rows(study).items():
     best = _best(row)
     ode = row["ode_bpd"]
     bound = row.get("bound")
@@ -274,7 +301,7 @@ def plot(study: dict, out: Path) -> None:
   from matplotlib.figure import Figure
   from PIL import Image
 
-  rows = study["recipes"]
+  rows = _rows(study)
   fig = Figure(figsize=(7, 3.6), dpi=120)
   ax = fig.subplots()
   for i, row in enumerate(rows.values()):
