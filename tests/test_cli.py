@@ -77,6 +77,7 @@ BAD_COMMAND_LINES = {
   "frozen": (["--config.model.ch=8"], "--config.model.ch cannot change for a trained run"),
   "sampler": (["--sampler=ddin"], "sampling.sampler='ddin': allowed: ddpm, ddim"),
   "label": (["--class_label=5"], "class_label=5: allowed 0..1"),
+  "temperature": (["--temperature=0.5"], "sampling.temperature=0.5: sampler 'ddim' is determin"),
   "two steps": (["--checkpoint_step=1", "--best"], "--checkpoint_step and --best"),
   "value": (["--steps=abc"], "flag --steps=abc: invalid literal"),
 }

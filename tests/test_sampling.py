@@ -17,6 +17,7 @@ stated, looser where 1 / sqrt(alpha_bar) (up to ~160) multiplies rounding errors
 
 import doctest
 import functools
+import re
 from typing import NamedTuple
 
 import chex
@@ -337,6 +338,42 @@ def test_temperature_scales_the_injected_noise():
   a, _ = _run("ddpm", key=0, x_T=x_T, temperature=0.0)
   b, _ = _run("ddpm", key=1, x_T=x_T, temperature=0.0)
   np.testing.assert_array_equal(a, b)  # no noise: the chain of means
+
+
+# (sampler, options, whether it injects noise): every registered sampler.
+_TEMPERATURE_CASES = [
+  ("ddpm", {}, True),
+  ("ddim", {"eta": 0.0}, False),
+  ("ddim", {"eta": 0.3}, True),
+  ("dpm++2m", {}, False),
+  ("euler_maruyama", {}, True),
+  ("pc", {}, True),
+  ("euler", {}, False),
+  ("heun", {}, False),
+  ("edm_stochastic", {}, False),  # s_churn absent: 0, Heun's steps
+  ("edm_stochastic", {"s_churn": 2.0}, True),
+  ("vdm", {}, True),
+  ("vdm_ddim", {}, False),
+]
+
+
+@pytest.mark.parametrize("sampler, options, noisy", _TEMPERATURE_CASES)
+def test_temperature_only_where_noise_is_injected(sampler, options, noisy):
+  """Every registered sampler is in the table. A temperature other than 1 is refused, naming the
+  value and the sampler, where it would scale no noise; 1.0 is always allowed."""
+  assert S.injects_noise(sampler, options) is noisy
+  S.make_sampler(sampler, temperature=1.0, **options)
+  if noisy:
+    S.make_sampler(sampler, temperature=0.5, **options)
+  else:
+    want = rf"^temperature=0\.5: sampler '{re.escape(sampler)}' is deterministic here "
+    with pytest.raises(ValueError, match=want + r".*allowed: 1\.0, or a sampler that adds noise"):
+      S.make_sampler(sampler, temperature=0.5, **options)
+
+
+def test_the_temperature_table_covers_the_registry():
+  tested = {case[0] for case in _TEMPERATURE_CASES}
+  assert tested == set(S.SAMPLERS)
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -468,6 +468,28 @@ def test_evaluator_check_still_raises_the_joined_lines():
     evaluator.check(_config({"eval.split": "", "eval.batch_size": 0}))
 
 
+@pytest.mark.parametrize(
+  "settings, fine",
+  [
+    ({"sampling.sampler": "ddim", "sampling.eta": 0.0}, False),
+    ({"sampling.sampler": "ddim", "sampling.eta": 1.0}, True),
+    ({"sampling.sampler": "dpm++2m"}, False),
+    ({"sampling.sampler": "heun"}, False),
+    ({"sampling.sampler": "ddpm"}, True),
+  ],
+)
+def test_a_temperature_that_changes_nothing_is_reported(settings, fine):
+  lines = validation.problems(_config({**settings, "sampling.temperature": 0.7}), num_devices=1)
+  if fine:
+    assert lines == []
+  else:
+    sampler = re.escape(settings["sampling.sampler"])
+    allowed = rf"sampler '{sampler}' is deterministic here .*allowed: 1\.0.*"
+    _assert_reported(lines, "sampling.temperature", 0.7, allowed)
+  # 1.0 (the default) is always fine.
+  assert validation.problems(_config(settings), num_devices=1) == []
+
+
 # ----------------------------------------------------------------------------- all at once
 
 

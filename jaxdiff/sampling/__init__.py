@@ -67,6 +67,7 @@ from jaxdiff.sampling.registry import (
   SAMPLERS,
   SamplerDef,
   get_sampler,
+  injects_noise,
   register_sampler,
   samplers_for,
 )
@@ -105,6 +106,7 @@ __all__ = [
   "get_sampler",
   "guided_model_output",
   "heun_sampler",
+  "injects_noise",
   "langevin_step",
   "make_sampler",
   "pc_sampler",

@@ -24,6 +24,7 @@ from jaxdiff.sampling.registry import (
   SAMPLERS,
   SIGMA_GRID,
   check_process,
+  check_temperature,
   get_sampler,
   samplers_for,
 )
@@ -135,6 +136,11 @@ def check(config: Any, class_label: int | None = None) -> list[str]:
     need(isinstance(scfg[key], int) and scfg[key] >= 1, key, "an integer >= 1")
   for key in ("eta", "temperature", "guidance_scale"):
     need(scfg[key] >= 0, key, "a number >= 0")
+  switches = {"eta": scfg.eta, "s_churn": scfg.get("s_churn", CHURN_DEFAULTS["s_churn"])}
+  if scfg.sampler in SAMPLERS and all(is_number(v) for v in (scfg.temperature, *switches.values())):
+    problem = check_temperature(scfg.sampler, scfg.temperature, switches)
+    if problem:
+      problems.append(f"sampling.{problem}")
   problems += _churn_problems(scfg)
   conditional = bool(config.model.class_conditional)
   need(

@@ -28,7 +28,13 @@ from jaxdiff.parallel import DATA_AXIS, auto_mesh, constrain, to_host
 from jaxdiff.sampling import progress as progress_lib
 from jaxdiff.sampling.base import Chain, ModelFn, Sampler
 from jaxdiff.sampling.guidance import check_guidance, guided_model_output
-from jaxdiff.sampling.registry import SIGMA_GRID, SamplerDef, check_process, get_sampler
+from jaxdiff.sampling.registry import (
+  SIGMA_GRID,
+  SamplerDef,
+  check_process,
+  check_temperature,
+  get_sampler,
+)
 from jaxdiff.sampling.sde import check_predictor
 from jaxdiff.sampling.spacing import sampler_timesteps
 
@@ -139,7 +145,8 @@ def make_sampler(
     clip_denoised: clip every x_0 estimate to [-1, 1].
     guidance_scale: classifier-free guidance scale g (1: none).
     null_label: the "no class" label, needed when ``guidance_scale != 1``.
-    temperature: scales all injected noise (x_T is not scaled).
+    temperature: scales all injected noise (x_T is not scaled); for a sampler that injects
+      none (:func:`~jaxdiff.sampling.registry.injects_noise`) only 1.0 is allowed.
     return_trajectory: also return ``[S + 1, B, H, W, C]``, x_T first.
     mesh: a mesh with a ``data`` axis to shard the batch over, or None.
     snr: ``pc``'s Langevin signal-to-noise ratio.
@@ -167,6 +174,9 @@ def make_sampler(
     )
   shared = dict(eta=eta, clip_denoised=clip_denoised, temperature=temperature, snr=snr)
   shared.update(n_corrector_steps=n_corrector_steps, predictor=predictor)
+  problem = check_temperature(sampler, temperature, {**shared, **options})
+  if problem:
+    raise ValueError(problem)
   algo = _build(definition, sampler, {**shared, **options})
   mesh = None if mesh is None else auto_mesh(mesh)
   guidance = {"guidance_scale": guidance_scale, "null_label": null_label}

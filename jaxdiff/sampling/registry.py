@@ -13,7 +13,7 @@ above) is passed through ``make_sampler(..., s_churn=...)`` and ``sample(...)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from jaxdiff.sampling.base import Sampler
@@ -103,6 +103,37 @@ def get_sampler(name: str) -> SamplerDef:
 def samplers_for(process: str) -> tuple[str, ...]:
   """The registered samplers of a noise process, in registration order."""
   return tuple(n for n, definition in REGISTRY.items() if process in definition.processes)
+
+
+# The options that switch a sampler's injected noise on (it injects none at 0).
+_NOISE_SWITCHES = ("eta", "s_churn")
+
+
+def injects_noise(name: str, options: Mapping[str, Any]) -> bool:
+  """Whether sampler ``name`` with ``options`` adds noise as it steps, so that ``temperature``
+  (which scales that noise) changes anything: not an ODE solver (``euler``, ``heun``,
+  ``dpm++2m``, ``vdm_ddim``), nor ``ddim`` at ``eta`` 0 or ``edm_stochastic`` at ``s_churn`` 0
+  (a switch's absence from ``options`` means 0)."""
+  definition = get_sampler(name)
+  if "temperature" not in definition.options:
+    return False
+  switches = [key for key in _NOISE_SWITCHES if key in definition.options]
+  return all(float(options.get(key, 0.0)) > 0 for key in switches)
+
+
+def check_temperature(name: str, temperature: float, options: Mapping[str, Any]) -> str | None:
+  """What is wrong with ``temperature`` for sampler ``name`` with ``options``, or None: a value
+  other than 1 is refused where it would change nothing (see :func:`injects_noise`)."""
+  if temperature == 1.0 or injects_noise(name, options):
+    return None
+  switch = next((k for k in _NOISE_SWITCHES if k in get_sampler(name).options), None)
+  why = f"with {switch}=0 it adds no noise" if switch else "it adds no noise"
+  noisy = [n for n, d in REGISTRY.items() if "temperature" in d.options]
+  return (
+    f"temperature={temperature}: sampler {name!r} is deterministic here ({why}), so temperature,"
+    f" which scales the noise a sampler adds, would change nothing; allowed: 1.0, or a sampler"
+    f" that adds noise ({', '.join(noisy)}; ddim with eta > 0, edm_stochastic with s_churn > 0)"
+  )
 
 
 def check_process(name: str, process: str) -> None:
