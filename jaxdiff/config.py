@@ -242,6 +242,9 @@ def get_config() -> ml_collections.ConfigDict:
   # probability-flow ODE's of flow and edm
   ev.bpd_examples = 0
   ev.fd_samples = 0  # FD/IS of this many samples drawn per config.sampling (0 = skip)
+  # Fixed RK4 steps (even in ln sigma) of the probability-flow ODE's bits/dim: of flow and edm
+  # inside training, and of `jaxdiff evaluate --metric ode_bpd`
+  ev.ode_steps = 32
   ev.best_metric = ""  # "bpd" | "fd": also keep the checkpoint that is best by it
 
   config.lock()

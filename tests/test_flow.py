@@ -315,16 +315,25 @@ def test_jaxdiff_train_and_sample_a_flow_config(image_dir, tmp_path):
 
 def test_evaluation_inside_training_gives_a_flow_run_its_ode_bits_per_dim(image_dir, monkeypatch):
   """eval.bpd_examples of a process without a bound is the probability-flow ODE's bits/dim
-  (RK4 steps cut to 2 here); the same parameters give the same number."""
+  (eval.ode_steps RK4 steps, cut to 2 here; spied on); the same parameters give the same
+  number."""
   from flax import nnx
 
   from jaxdiff import models, parallel
   from jaxdiff.training import evaluator
 
-  monkeypatch.setattr(evaluator, "ODE_STEPS", 2)
+  steps = []
+  ode_bits_per_dim = evaluator.evaluation.ode_bits_per_dim
+
+  def spy(*args, num_steps, **kwargs):
+    steps.append(num_steps)
+    return ode_bits_per_dim(*args, num_steps=num_steps, **kwargs)
+
+  monkeypatch.setattr(evaluator.evaluation, "ode_bits_per_dim", spy)
   config = _flow_config(
-    image_dir, model__name="dit", eval__every=1, eval__bpd_examples=4, eval__batch_size=8
-  )
+    image_dir, model__name="dit", eval__every=1, eval__bpd_examples=4, eval__batch_size=8,
+    eval__ode_steps=2,
+  )  # fmt: skip
   assert validation.problems(config, num_devices=8) == []
   graphdef, params = nnx.split(models.build_model(config, rngs=nnx.Rngs(0)))
   loop_eval = evaluator.LoopEvaluator(
@@ -333,3 +342,4 @@ def test_evaluation_inside_training_gives_a_flow_run_its_ode_bits_per_dim(image_
   record = loop_eval(params)
   assert set(record) == {"eval_bpd", "eval_bpd_stderr"} and np.isfinite(record["eval_bpd"])
   assert loop_eval(params) == record
+  assert steps == [2, 2]

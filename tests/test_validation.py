@@ -450,6 +450,7 @@ def test_so_must_each_micro_batch():
     ("features_path", "/no/such/net.npz", r"must be '' \(the cached classifier\) or an .*file"),
     ("every", -1, r"must be an int >= 0 \(0: no evaluation while training\)"),
     ("bpd_examples", -1, r"must be an int >= 0 \(0: no bits/dim\)"),
+    ("ode_steps", 0, r"must be an int >= 1"),
     ("fd_samples", 1, r"must be 0 \(no FD\) or an int >= 2: a covariance needs at least 2 .*"),
     ("best_metric", "loss", r"must be '' or one of bpd, fd"),
   ],

@@ -53,7 +53,6 @@ flags.DEFINE_enum("params", "ema", ["ema", "raw"], "The EMA or the optimiser's p
 flags.DEFINE_integer("seed", 0, "Noise (bpd) or sampling (fd, fid) seed.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval; '' writes nothing).")
 flags.DEFINE_integer("t_chunk", 100, "bpd: timesteps per compiled scan.")
-flags.DEFINE_integer("ode_steps", 32, "ode_bpd: fixed solver steps, even in ln sigma.")
 flags.DEFINE_enum(
   "ode_method", "rk4", ["rk4", "heun"], "ode_bpd: the solver (4 or 2 calls a step)."
 )
@@ -76,6 +75,9 @@ flags.DEFINE_integer(
   "num_examples", None, "bpd: the first N examples, 0 = all (config.eval.num_examples)."
 )
 flags.DEFINE_integer("num_samples", None, "fd, fid: how many samples (config.eval.num_samples).")
+flags.DEFINE_integer(
+  "ode_steps", None, "ode_bpd: fixed solver steps, even in ln sigma (config.eval.ode_steps)."
+)
 flags.DEFINE_string("sampler", None, "fd, fid: the sampler (config.sampling.sampler).")
 flags.DEFINE_integer("steps", None, "fd, fid: sampler steps (config.sampling.num_steps).")
 flags.DEFINE_float("eta", None, "fd, fid: DDIM eta (config.sampling.eta).")
@@ -100,6 +102,7 @@ SHORTHANDS = {
   "batch_size": "eval.batch_size",
   "num_examples": "eval.num_examples",
   "num_samples": "eval.num_samples",
+  "ode_steps": "eval.ode_steps",
   "sampler": "sampling.sampler",
   "steps": "sampling.num_steps",
   "eta": "sampling.eta",
@@ -153,8 +156,8 @@ def _check(config: Any) -> list[str]:
       problems.append(f"eval.num_examples={ecfg.num_examples}: an integer >= 0 (0 = all)")
     if FLAGS.metric == "bpd" and FLAGS.t_chunk < 1:
       problems.append(f"t_chunk={FLAGS.t_chunk}: an integer >= 1")
-    if FLAGS.metric == "ode_bpd" and FLAGS.ode_steps < 1:
-      problems.append(f"ode_steps={FLAGS.ode_steps}: an integer >= 1")
+    if FLAGS.metric == "ode_bpd" and ecfg.ode_steps < 1:
+      problems.append(f"eval.ode_steps={ecfg.ode_steps}: an integer >= 1")
   else:
     from jaxdiff import evaluation
     from jaxdiff.sampling import check_sampling
@@ -285,7 +288,7 @@ def _ode_bpd(config: Any) -> dict[str, Any]:
   examples = data.read_examples(config.data, ecfg.split, ecfg.num_examples or None)
   record = evaluation.ode_bits_per_dim(
     process_lib.sigma_view(run.diffusion, run.model_fn(FLAGS.params)), examples,
-    batch_size=ecfg.batch_size, seed=FLAGS.seed, num_steps=FLAGS.ode_steps,
+    batch_size=ecfg.batch_size, seed=FLAGS.seed, num_steps=ecfg.ode_steps,
     method=FLAGS.ode_method, divergence=FLAGS.divergence, mesh=run.mesh, progress=True,
   )  # fmt: skip
   record = {**record, **_context(run), "split": ecfg.split}

@@ -33,8 +33,6 @@ from jaxdiff.io import files
 from jaxdiff.sampling import sample_from_config
 
 BEST_METRICS = ("bpd", "fd")
-# RK4 steps of the in-training ODE bits/dim of a process without a bound (flow, edm).
-ODE_STEPS = 32
 
 
 def best_metric_key(config: ml_collections.ConfigDict) -> str | None:
@@ -67,6 +65,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   need(found, "features_path", "must be '' (the cached classifier) or an existing file")
   need(is_int(ecfg.every, 0), "every", "must be an int >= 0 (0: no evaluation while training)")
   need(is_int(ecfg.bpd_examples, 0), "bpd_examples", "must be an int >= 0 (0: no bits/dim)")
+  need(is_int(ecfg.ode_steps, 1), "ode_steps", "must be an int >= 1")
   need(is_int(ecfg.fd_samples, 0) and ecfg.fd_samples != 1, "fd_samples",
        "must be 0 (no FD) or an int >= 2: a covariance needs at least 2 samples")  # fmt: skip
   if ecfg.every > 0 and ecfg.bpd_examples <= 0 and ecfg.fd_samples <= 0:
@@ -147,7 +146,7 @@ class LoopEvaluator:
 
   def _bits_per_dim(self, model_fn: Any) -> dict[str, Any]:
     """The process's own bound (ddpm's T terms, VDM's), or for a process without one (flow,
-    edm) the probability-flow ODE's bits/dim (:data:`ODE_STEPS` RK4 steps)."""
+    edm) the probability-flow ODE's bits/dim (``eval.ode_steps`` RK4 steps)."""
     ecfg, seed, d = self.config.eval, self.config.seed, self.diffusion
     common = dict(seed=seed, batch_size=ecfg.batch_size, mesh=self.mesh)
     if isinstance(d, process_lib.VDM):
@@ -157,7 +156,7 @@ class LoopEvaluator:
         d, model_fn, self.images, clip_denoised=ecfg.clip_denoised, **common
       )
     view = process_lib.sigma_view(d, model_fn)
-    return evaluation.ode_bits_per_dim(view, self.images, num_steps=ODE_STEPS, **common)
+    return evaluation.ode_bits_per_dim(view, self.images, num_steps=ecfg.ode_steps, **common)
 
   def _sample_fn(self, model_fn: Any) -> Callable[[jax.Array, int], np.ndarray]:
     def sample_fn(key: jax.Array, n: int) -> np.ndarray:
