@@ -310,9 +310,8 @@ def plot(study: dict, out: Path) -> None:
       ax.annotate(f"{r['sampler']} {r['steps']}", (i, r["fd"]), fontsize=7, xytext=(4, 0),
                   textcoords="offset points")  # fmt: skip
   ax.set_xticks(range(len(rows)), list(rows), fontsize=8)
-  ax.set_ylabel(f"classifier FD, N={study['fd_samples']}")
-  ax.set_yscale("log")
-  ax.grid(alpha=0.3, which="both")
+  ax.set_ylabel(f"classifier FD, N={study['fd_samples']} (lower is better)")
+  ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(out / "fd.png")
 
