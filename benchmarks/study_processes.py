@@ -18,7 +18,9 @@ is the noise process and its loss. For each, with the EMA parameters of the last
    at a comparable number of model evaluations, same seed; the best is the recipe's row;
 2. likelihood: bits/dim of the first ``--bpd_examples`` test images by the probability-flow ODE
    (``jaxdiff.evaluation.ode_bpd``; the same images, dequantisation and probes for every
-   recipe, so the comparison is paired), and the recipe's own variational bound where it has one
+   recipe, so the comparison is paired: the table gives each recipe's per-image difference from
+   the main job's; ``--redo_ode`` measures it again for recipes already measured), and the
+   recipe's own variational bound where it has one
    (ddpm's T-term bound on ``--bound_examples`` images; VDM's continuous-time bound);
 3. time per training step: the jitted train steps of all recipes timed round-robin in this one
    process (``--time_rounds`` rounds of ``--time_steps`` steps each; medians), so the ratios are
@@ -81,6 +83,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--time_steps", type=int, default=5)
   p.add_argument("--num_steps", type=int, default=None, help="override the training steps")
   p.add_argument("--redo", action="store_true", help="measure recipes already in study.json")
+  p.add_argument(
+    "--redo_ode", action="store_true", help="only the ODE bits/dim of measured recipes, again"
+  )
   p.add_argument("--time", action="store_true", help="time the train steps now")
   p.add_argument("--cache_dir", default=None)
   p.add_argument("--manual_dir", default="../shared/data/fashion_mnist")
@@ -148,7 +153,7 @@ def _ode_bpd(run, images, steps: int) -> dict:
   record = ode_bpd.ode_bits_per_dim(
     view, images, batch_size=len(images), num_steps=steps, mesh=run.mesh
   )
-  record.pop("per_example_bpd")
+  record["per_example_bpd"] = [float(b) for b in record["per_example_bpd"]]  # for paired diffs
   return record
 
 
@@ -223,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     workdir = _train(name, args)
     run = load_run(workdir)
     if not args.redo and _measured(study, name, run.step, args):
+      if args.redo_ode:
+        images = data.read_examples(run.config.data, "test", args.bpd_examples)
+        study["recipes"][name]["ode_bpd"] = _ode_bpd(run, images, args.ode_steps)
+        _save(out, study)
       print(f"{name}: measured at step {run.step} already (--redo measures again)", flush=True)
       continue
     net = evaluation.feature_net("classifier", None, run.config.data, args.cache_dir)
@@ -279,8 +288,9 @@ def table(study: dict) -> str:
   """The README's markdown table."""
   base = study.get("seconds_per_step", {}).get("ddpm")
   lines = [
-    "| recipe | best sampler | FD | ODE bits/dim | own bound | s/step (ratio) |",
-    "|---|---|---:|---:|---:|---:|",
+    "| recipe | best sampler | FD | ODE bits/dim | − main job's (paired) | own bound |"
+    " s/step (ratio) |",
+    "|---|---|---:|---:|---:|---:|---:|",
   ]
   for name, row in _rows(study).items():
     best = _best(row)
@@ -289,11 +299,23 @@ def table(study: dict) -> str:
     own = f"{bound['bpd']:.3f} ± {bound['bpd_stderr']:.3f}" if bound else "—"
     sec = study.get("seconds_per_step", {}).get(name)
     time_cell = f"{sec:.2f} ({sec / base:.2f})" if sec and base else ""
+    diff = paired_difference(ode, study["recipes"].get("ddpm", {}).get("ode_bpd"))
+    diff_cell = "—" if name == "ddpm" else "" if diff is None else f"{diff[0]:+.3f} ± {diff[1]:.3f}"
     lines.append(
       f"| {row['label']} | {best['sampler']} {best['steps']} | {best['fd']:.2f} | "
-      f"{ode['bpd']:.3f} ± {ode['bpd_stderr']:.3f} | {own} | {time_cell} |"
+      f"{ode['bpd']:.3f} ± {ode['bpd_stderr']:.3f} | {diff_cell} | {own} | {time_cell} |"
     )
   return "\n".join(lines)
+
+
+def paired_difference(ode: dict, base: dict | None) -> tuple[float, float] | None:
+  """Mean and standard error of the per-image difference of two ODE bits/dim records (the same
+  images, dequantisation and probes), or None without both per-image lists."""
+  a, b = (r.get("per_example_bpd") if r else None for r in (ode, base))
+  if a is None or b is None or len(a) != len(b) or len(a) < 2:
+    return None
+  d = np.asarray(a) - np.asarray(b)
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def plot(study: dict, out: Path) -> None:
