@@ -109,6 +109,10 @@ def samplers_for(process: str) -> tuple[str, ...]:
 _NOISE_SWITCHES = ("eta", "s_churn")
 
 
+def _noise_switches(definition: SamplerDef) -> list[str]:
+  return [key for key in _NOISE_SWITCHES if key in definition.options]
+
+
 def injects_noise(name: str, options: Mapping[str, Any]) -> bool:
   """Whether sampler ``name`` with ``options`` adds noise as it steps, so that ``temperature``
   (which scales that noise) changes anything: not an ODE solver (``euler``, ``heun``,
@@ -117,8 +121,7 @@ def injects_noise(name: str, options: Mapping[str, Any]) -> bool:
   definition = get_sampler(name)
   if "temperature" not in definition.options:
     return False
-  switches = [key for key in _NOISE_SWITCHES if key in definition.options]
-  return all(float(options.get(key, 0.0)) > 0 for key in switches)
+  return all(float(options.get(key, 0.0)) > 0 for key in _noise_switches(definition))
 
 
 def check_temperature(name: str, temperature: float, options: Mapping[str, Any]) -> str | None:
@@ -126,13 +129,16 @@ def check_temperature(name: str, temperature: float, options: Mapping[str, Any])
   other than 1 is refused where it would change nothing (see :func:`injects_noise`)."""
   if temperature == 1.0 or injects_noise(name, options):
     return None
-  switch = next((k for k in _NOISE_SWITCHES if k in get_sampler(name).options), None)
-  why = f"with {switch}=0 it adds no noise" if switch else "it adds no noise"
-  noisy = [n for n, d in REGISTRY.items() if "temperature" in d.options]
+  switches = _noise_switches(get_sampler(name))
+  why = f"with {switches[0]}=0 it adds no noise" if switches else "it adds no noise"
+  noisy = [  # every sampler that takes a temperature, with the switch its noise needs
+    n + "".join(f" with {key} > 0" for key in _noise_switches(d))
+    for n, d in REGISTRY.items() if "temperature" in d.options
+  ]  # fmt: skip
   return (
     f"temperature={temperature}: sampler {name!r} is deterministic here ({why}), so temperature,"
     f" which scales the noise a sampler adds, would change nothing; allowed: 1.0, or a sampler"
-    f" that adds noise ({', '.join(noisy)}; ddim with eta > 0, edm_stochastic with s_churn > 0)"
+    f" that adds noise: {', '.join(noisy)}"
   )
 
 
