@@ -124,6 +124,31 @@ def test_evaluate_fid_means_inception_features(tiny_run):
   assert "features='inception' needs --features_path" in proc.stderr.splitlines()[-1]
 
 
+BAD_EVALUATE_LINES = {  # each metric checks the eval fields it reads, all at once
+  "ode_bpd": (["--metric=ode_bpd", "--ode_steps=0", "--num_examples=-1"],
+              ["eval.num_examples=-1: must be an int >= 0",
+               "eval.ode_steps=0: must be an int >= 1"]),
+  "bpd": (["--metric=bpd", "--batch_size=0", "--t_chunk=0"],
+          ["eval.batch_size=0: must be an int >= 1", "t_chunk=0: an integer >= 1"]),
+  "fd": (["--metric=fd", "--num_samples=1", "--ode_steps=0"],  # fd does not read ode_steps
+         ["eval.num_samples=1: must be an int >= 2 (a covariance needs 2)"]),
+}  # fmt: skip
+
+
+def test_bad_evaluate_command_lines_name_every_bad_field_and_only_those(tiny_run):
+  def run(case):
+    return jaxdiff_cli("evaluate", f"--workdir={tiny_run}", *BAD_EVALUATE_LINES[case][0])
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    procs = dict(zip(BAD_EVALUATE_LINES, pool.map(run, BAD_EVALUATE_LINES), strict=True))
+  for case, proc in procs.items():
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (case, proc.stderr)
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.count("; ") == len(BAD_EVALUATE_LINES[case][1]) - 1, (case, error)
+    for line in BAD_EVALUATE_LINES[case][1]:
+      assert line in error, (case, error)
+
+
 # -------------------------------------------------------------------- configs from anywhere
 
 

@@ -252,7 +252,7 @@ def test_command_ode_bpd(tiny_run, tmp_path):
   assert np.isfinite(record["bpd"]) and record["method"] == "rk4"
   assert [Path(p).name for p in record["files"]] == ["ode_bpd_test_n4_step2_ema.json"]
   bad = _evaluate(f"--workdir={tiny_run}", "--metric=ode_bpd", "--ode_steps=0")
-  assert bad.returncode == 1 and "eval.ode_steps=0: an integer >= 1" in bad.stderr
+  assert bad.returncode == 1 and "eval.ode_steps=0: must be an int >= 1" in bad.stderr
 
 
 @pytest.mark.slow  # a second subprocess; sample_quality itself is tested above

@@ -148,29 +148,26 @@ def _kind_problems(config: Any) -> list[str]:
 
 def _check(config: Any) -> list[str]:
   """Every problem with the options this metric uses, before anything is loaded."""
-  ecfg, problems = config.eval, _kind_problems(config)
+  from jaxdiff.training import evaluator
+
+  problems = _kind_problems(config)
   if problems:
     return problems
   if FLAGS.metric in ("bpd", "ode_bpd", "recon"):
-    if ecfg.num_examples < 0:
-      problems.append(f"eval.num_examples={ecfg.num_examples}: an integer >= 0 (0 = all)")
+    fields = ["num_examples", "batch_size"] + (["ode_steps"] if FLAGS.metric == "ode_bpd" else [])
+    problems = evaluator.field_problems(config, fields)
     if FLAGS.metric == "bpd" and FLAGS.t_chunk < 1:
       problems.append(f"t_chunk={FLAGS.t_chunk}: an integer >= 1")
-    if FLAGS.metric == "ode_bpd" and ecfg.ode_steps < 1:
-      problems.append(f"eval.ode_steps={ecfg.ode_steps}: an integer >= 1")
-  else:
-    from jaxdiff import evaluation
-    from jaxdiff.sampling import check_sampling
+    return problems
+  from jaxdiff import evaluation
+  from jaxdiff.sampling import check_sampling
 
-    problems += check_sampling(config)
-    if ecfg.num_samples < 2:
-      problems.append(f"eval.num_samples={ecfg.num_samples}: at least 2 (a covariance)")
-    try:
-      evaluation.check_kind(ecfg.features, ecfg.features_path or None)
-    except (ValueError, FileNotFoundError) as e:
-      problems.append(str(e))
-  if ecfg.batch_size < 1:
-    problems.append(f"eval.batch_size={ecfg.batch_size}: an integer >= 1")
+  problems = check_sampling(config)
+  problems += evaluator.field_problems(config, ["num_samples", "batch_size"])
+  try:  # more than the loop's check: whether the file holds that kind of network
+    evaluation.check_kind(config.eval.features, config.eval.features_path or None)
+  except (ValueError, FileNotFoundError) as e:
+    problems.append(str(e))
   return problems
 
 

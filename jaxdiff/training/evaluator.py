@@ -16,7 +16,7 @@ the best one (``eval.best_metric``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdiff import data, evaluation, models
-from jaxdiff.checks import is_int
+from jaxdiff.checks import Problems, is_int
 from jaxdiff.core import process as process_lib
 from jaxdiff.core.diffusion import Diffusion
 from jaxdiff.io import files
@@ -44,37 +44,55 @@ def best_metric_key(config: ml_collections.ConfigDict) -> str | None:
   return f"eval_{metric}" if metric else None
 
 
+# Each field's own rule: (ok(value), what is allowed). `jaxdiff evaluate` checks the ones its
+# metric reads (field_problems); the loop checks them all, then how they combine (problems).
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+  "split": (lambda v: isinstance(v, str) and bool(v), "must name a split, e.g. 'test'"),
+  "num_examples": (lambda v: is_int(v, 0), "must be an int >= 0 (0: the whole split)"),
+  "num_samples": (lambda v: is_int(v, 2), "must be an int >= 2 (a covariance needs 2)"),
+  "batch_size": (lambda v: is_int(v, 1), "must be an int >= 1"),
+  "features": (
+    lambda v: v in evaluation.FEATURE_KINDS,
+    f"must be one of {', '.join(evaluation.FEATURE_KINDS)}",
+  ),
+  # Remote files are the storage's to vouch for: asking may be slow or need credentials.
+  "features_path": (
+    lambda v: not v or files.is_uri(v) or files.as_path(v).is_file(),
+    "must be '' (the cached classifier) or an existing file",
+  ),
+  "every": (lambda v: is_int(v, 0), "must be an int >= 0 (0: no evaluation while training)"),
+  "bpd_examples": (lambda v: is_int(v, 0), "must be an int >= 0 (0: no bits/dim)"),
+  "ode_steps": (lambda v: is_int(v, 1), "must be an int >= 1"),
+  "fd_samples": (
+    lambda v: is_int(v, 0) and v != 1,
+    "must be 0 (no FD) or an int >= 2: a covariance needs at least 2 samples",
+  ),
+  "best_metric": (
+    lambda v: not v or v in BEST_METRICS,
+    f"must be '' or one of {', '.join(BEST_METRICS)}",
+  ),
+}
+
+
+def field_problems(config: ml_collections.ConfigDict, names: Iterable[str]) -> list[str]:
+  """The problems of the named ``eval`` fields each on its own, one line each naming the field,
+  its value and what is allowed."""
+  lines = Problems("eval", config.eval)
+  for name in names:
+    ok, allowed = _FIELD_RULES[name]
+    lines.need(ok(config.eval[name]), name, allowed)
+  return list(lines)
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every problem with the ``eval`` section, one line each naming the field, its value and what
   is allowed; empty when both ``jaxdiff evaluate`` and the loop can honour it."""
-  ecfg, lines = config.eval, []
-
-  def need(ok: bool, name: str, allowed: str) -> None:
-    if not ok:
-      lines.append(f"eval.{name}={ecfg[name]!r}: {allowed}")
-
-  need(isinstance(ecfg.split, str) and bool(ecfg.split), "split", "must name a split, e.g. 'test'")
-  need(is_int(ecfg.num_examples, 0), "num_examples", "must be an int >= 0 (0: the whole split)")
-  need(is_int(ecfg.num_samples, 2), "num_samples", "must be an int >= 2 (a covariance needs 2)")
-  need(is_int(ecfg.batch_size, 1), "batch_size", "must be an int >= 1")
-  need(ecfg.features in evaluation.FEATURE_KINDS, "features",
-       f"must be one of {', '.join(evaluation.FEATURE_KINDS)}")  # fmt: skip
-  path = ecfg.features_path
-  # Remote files are the storage's to vouch for: asking may be slow or need credentials.
-  found = not path or files.is_uri(path) or files.as_path(path).is_file()
-  need(found, "features_path", "must be '' (the cached classifier) or an existing file")
-  need(is_int(ecfg.every, 0), "every", "must be an int >= 0 (0: no evaluation while training)")
-  need(is_int(ecfg.bpd_examples, 0), "bpd_examples", "must be an int >= 0 (0: no bits/dim)")
-  need(is_int(ecfg.ode_steps, 1), "ode_steps", "must be an int >= 1")
-  need(is_int(ecfg.fd_samples, 0) and ecfg.fd_samples != 1, "fd_samples",
-       "must be 0 (no FD) or an int >= 2: a covariance needs at least 2 samples")  # fmt: skip
+  ecfg, lines = config.eval, field_problems(config, _FIELD_RULES)
   if ecfg.every > 0 and ecfg.bpd_examples <= 0 and ecfg.fd_samples <= 0:
     lines.append(
       f"eval.every={ecfg.every} but nothing to evaluate: set eval.bpd_examples > 0 and/or"
       " eval.fd_samples >= 2"
     )
-  need(not ecfg.best_metric or ecfg.best_metric in BEST_METRICS, "best_metric",
-       f"must be '' or one of {', '.join(BEST_METRICS)}")  # fmt: skip
   needs = {"bpd": ecfg.bpd_examples, "fd": ecfg.fd_samples}
   if ecfg.best_metric in needs and (ecfg.every <= 0 or needs[ecfg.best_metric] <= 0):
     field = "bpd_examples" if ecfg.best_metric == "bpd" else "fd_samples"
