@@ -120,18 +120,14 @@ def _data_floor(config, net, reference, n: int) -> float:
 def _fid(run, params: str, net, reference, n: int, sampler: str, steps: int, out: Path) -> dict:
   """Sample quality of ``n`` samples, with the record and sample grid written into ``out``."""
   from jaxdiff import evaluation
-  from jaxdiff.sampling import sample_from_config
-
-  model_fn = run.model_fn(params)
-
-  def sample_fn(key, num):
-    return sample_from_config(
-      run.config, run.diffusion, model_fn, key, num, mesh=run.mesh, sampler=sampler,
-      num_steps=steps,
-    )  # fmt: skip
 
   record = evaluation.sample_quality(
-    sample_fn, net, reference, num_samples=n, batch_size=run.config.eval.batch_size, mesh=run.mesh
+    run.sample_fn(params, sampler=sampler, steps=steps),
+    net,
+    reference,
+    num_samples=n,
+    batch_size=run.config.eval.batch_size,
+    mesh=run.mesh,
   )
   context = {"step": run.step, "params": params, "sampler": sampler, "steps": steps}
   record = {"metric": "fid", **context, **record}

@@ -126,18 +126,14 @@ def _train(name: str, args: argparse.Namespace) -> Path:
 
 def _fd(run, net, reference, n: int, sampler: str, steps: int, out: Path) -> dict:
   from jaxdiff import evaluation
-  from jaxdiff.sampling import sample_from_config
-
-  model_fn = run.model_fn("ema")
-
-  def sample_fn(key, num):
-    return sample_from_config(
-      run.config, run.diffusion, model_fn, key, num, mesh=run.mesh, sampler=sampler,
-      num_steps=steps,
-    )  # fmt: skip
 
   record = evaluation.sample_quality(
-    sample_fn, net, reference, num_samples=n, batch_size=run.config.eval.batch_size, mesh=run.mesh
+    run.sample_fn("ema", sampler=sampler, steps=steps),
+    net,
+    reference,
+    num_samples=n,
+    batch_size=run.config.eval.batch_size,
+    mesh=run.mesh,
   )
   context = {"step": run.step, "params": "ema", "sampler": sampler, "steps": steps}
   record = {"metric": "fd", **context, **record}

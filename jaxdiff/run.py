@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -125,6 +125,32 @@ class Run:
     if which not in PARAMS:
       raise ValueError(f"params={which!r}; allowed: {', '.join(PARAMS)}")
     return models.bind(self.graphdef, self.params if which == "ema" else self.raw_params)
+
+  def sample_fn(
+    self, params: str = "ema", *, progress: bool = False, **overrides: Any
+  ) -> Callable[[jax.Array, int], jax.Array]:
+    """``sample_fn(key, n)``: ``n`` float images ``[n, H, W, C]`` (~[-1, 1], decoded for a
+    latent run), drawn as the run's ``config.sampling`` says: what
+    :func:`jaxdiff.evaluation.sample_quality` scores.
+
+    A text run draws from its training split's own captions, in order, as the data is drawn (so
+    a Fréchet distance compares like with like). ``overrides`` as for :meth:`sample`.
+    """
+    if self.is_autoencoder:
+      raise ValueError(f"{self.workdir} is an autoencoder run: it encodes and decodes, not samples")
+    if "steps" in overrides:
+      overrides["num_steps"] = overrides.pop("steps")
+    model_fn = self.model_fn(params)
+    table = prompts.caption_table(self.config) if is_text(self.config) else None
+    decode = self.decode if self.autoencoder is not None else None
+
+    def sample_fn(key: jax.Array, n: int) -> jax.Array:
+      return sample_from_config(
+        self.config, self.diffusion, model_fn, key, n, mesh=self.mesh, progress=progress,
+        decode=decode, conditioning=None if table is None else table.first(n), **overrides,
+      )  # fmt: skip
+
+    return sample_fn
 
   def sample(
     self,

@@ -64,6 +64,21 @@ def test_same_seed_same_images(run):
   assert not np.array_equal(raw, a)
 
 
+def test_sample_fn_draws_what_sample_draws_as_floats(run):
+  # what evaluation.sample_quality scores: run.sample's images before the uint8 rounding
+  sample_fn = run.sample_fn(steps=3)
+  x = np.asarray(sample_fn(jax.random.key(1), 8))
+  assert x.dtype == np.float32 and x.shape == (8, 8, 8, 1)
+  np.testing.assert_array_equal(jaxdiff.io.images.to_uint8(x), run.sample(8, steps=3, seed=1))
+  other = run.sample_fn("raw", sampler="ddim", steps=3, eta=0.0)(jax.random.key(1), 8)
+  expected = sample_from_config(
+    run.config, run.diffusion, run.model_fn("raw"), jax.random.key(1), 8, mesh=run.mesh,
+    sampler="ddim", num_steps=3, eta=0.0,
+  )  # fmt: skip
+  np.testing.assert_array_equal(other, expected)
+  assert not np.array_equal(other, x)
+
+
 @pytest.mark.slow  # compiles all five samplers; each is tested alone in test_sampling.py
 def test_every_sampler_runs_from_a_checkpoint(run):
   for sampler in ("ddpm", "ddim", "dpm++2m", "euler_maruyama", "pc"):

@@ -313,28 +313,6 @@ def _feature_net(config: Any) -> Any:
   return evaluation.feature_net("classifier", default, config.data, cache)
 
 
-def _sample_fn(run: Any) -> Any:
-  """``(key, n) -> float samples [n, H, W, C]``, drawn as the run's ``config.sampling`` says."""
-  import jax
-
-  from jaxdiff import prompts
-  from jaxdiff.config import is_text
-  from jaxdiff.sampling import sample_from_config
-
-  model_fn = run.model_fn(FLAGS.params)
-  # A text run draws from the training split's own captions, in order, as the data is drawn.
-  table = prompts.caption_table(run.config) if is_text(run.config) else None
-
-  def sample_fn(key: jax.Array, n: int) -> Any:
-    return sample_from_config(
-      run.config, run.diffusion, model_fn, key, n, mesh=run.mesh,
-      progress=True, decode=run.decode if run.autoencoder is not None else None,
-      conditioning=None if table is None else table.first(n),
-    )  # fmt: skip
-
-  return sample_fn
-
-
 def _reference(config: Any, net: Any, mesh: Any) -> Any:
   """The feature statistics of ``config.eval.split`` (cached)."""
   from jaxdiff import evaluation
@@ -357,8 +335,8 @@ def _fd(config: Any) -> dict[str, Any]:
   run = _load(config)
   reference = _reference(config, net, run.mesh)
   record = evaluation.sample_quality(
-    _sample_fn(run), net, reference, num_samples=ecfg.num_samples, seed=FLAGS.seed,
-    batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
+    run.sample_fn(FLAGS.params, progress=True), net, reference, num_samples=ecfg.num_samples,
+    seed=FLAGS.seed, batch_size=ecfg.batch_size, mesh=run.mesh, progress=True,
   )  # fmt: skip
   sampler = {"sampler": scfg.sampler, "steps": scfg.num_steps, "eta": scfg.eta}
   record = {
