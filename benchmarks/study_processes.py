@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -218,16 +219,15 @@ def main(argv: list[str] | None = None) -> None:
   from jaxdiff import data, evaluation
   from jaxdiff.run import load_run
 
-  study_path = out / "study.json"
-  study = json.loads(study_path.read_text()) if study_path.exists() else {"recipes": {}}
+  study = _load(out)
   for name in names:
     workdir = _train(name, args)
     run = load_run(workdir)
     if not args.redo and _measured(study, name, run.step, args):
       if args.redo_ode:
         images = data.read_examples(run.config.data, "test", args.bpd_examples)
-        study["recipes"][name]["ode_bpd"] = _ode_bpd(run, images, args.ode_steps)
-        _save(out, study)
+        row = {**study["recipes"][name], "ode_bpd": _ode_bpd(run, images, args.ode_steps)}
+        study = _save_row(out, name, row)
       print(f"{name}: measured at step {run.step} already (--redo measures again)", flush=True)
       continue
     net = evaluation.feature_net("classifier", None, run.config.data, args.cache_dir)
@@ -246,9 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     own = _own_bound(name, run, images[: args.bound_examples])
     if own:
       row["bound"] = own
-    study["recipes"][name] = row
-    study.update(fd_samples=args.fd_samples, bpd_examples=args.bpd_examples)
-    _save(out, study)
+    study = _save_row(out, name, row, fd_samples=args.fd_samples, bpd_examples=args.bpd_examples)
+  study = _load(out)  # with the rows of any other process measuring other recipes meanwhile
   if args.time or set(study["recipes"]) == set(RECIPES):
     study["seconds_per_step"] = _step_times([n for n in RECIPES if n in study["recipes"]], args)
     _save(out, study)
@@ -265,8 +264,23 @@ def _measured(study: dict, name: str, step: int, args: argparse.Namespace) -> bo
   )  # fmt: skip
 
 
+def _load(out: Path) -> dict:
+  path = out / "study.json"
+  return json.loads(path.read_text()) if path.exists() else {"recipes": {}}
+
+
+def _save_row(out: Path, name: str, row: dict, **settings) -> dict:
+  """Writes one recipe's row into ``OUT/study.json`` as it is on disk now, so recipes measured by
+  separate processes at once keep each other's rows; returns the study written."""
+  study = _load(out)
+  study["recipes"][name] = row
+  study.update(settings)
+  _save(out, study)
+  return study
+
+
 def _save(out: Path, study: dict) -> None:
-  tmp = out / "study.json.tmp"
+  tmp = out / f"study.json.{os.getpid()}.tmp"  # each process its own
   tmp.write_text(json.dumps(study, indent=1) + "\n")
   tmp.replace(out / "study.json")
 
