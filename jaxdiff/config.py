@@ -132,8 +132,11 @@ def get_config() -> ml_collections.ConfigDict:
   text.transformer.width = 256
   text.transformer.depth = 4
   text.transformer.num_heads = 4
-  # Filled in from the encoder when the run starts (and stored in config.json):
+  # Filled in from the encoder when the run starts (and stored in config.json): its token
+  # width, and a frozen encoder's SHA-256 (minilm: weights and tokenizer; file: the .npz), which a
+  # resumed run and every later read of the run check, so changed encoder files never go unseen.
   text.width = ml_collections.config_dict.placeholder(int)
+  text.digest = ml_collections.config_dict.placeholder(str)
 
   # ---------------------------------------------------------------- diffusion
   config.diffusion = diffusion = ml_collections.ConfigDict()

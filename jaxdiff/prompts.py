@@ -113,6 +113,11 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       _frozen_width(config)
     except (ImportError, FileNotFoundError, ValueError) as e:
       lines.append(f"text.encoder={t.encoder!r}: {e}")
+    else:
+      try:
+        check_digest(config)
+      except ValueError as e:
+        lines.append(str(e))
   return lines
 
 
@@ -165,7 +170,13 @@ def _frozen_width(config: ml_collections.ConfigDict) -> int:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of a text run's ``config`` with ``text.width`` read from its encoder (the
-  transformer's width for ``transformer``); ``config`` itself without text."""
+  transformer's width for ``transformer``) and ``text.digest`` (a frozen encoder's files);
+  ``config`` itself without text.
+
+  Raises:
+    ValueError: ``text.width`` is set to another width, or ``text.digest`` names other files
+      (see :func:`check_digest`).
+  """
   if not is_text(config):
     return config
   t = config.text
@@ -175,10 +186,38 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       f"text.width={t.width}: the {t.encoder} encoder is {width} wide; leave it unset (it is"
       " read from the encoder)"
     )
+  check_digest(config)
   resolved = copy.deepcopy(config)
   with resolved.unlocked():
     resolved.text.width = width
+    resolved.text.digest = files_digest(config)
   return resolved
+
+
+def files_digest(config: ml_collections.ConfigDict) -> str | None:
+  """SHA-256 of a frozen encoder's files as they are now (minilm: its weights and tokenizer;
+  file: the .npz); None for the ``transformer``, whose weights are the run's own."""
+  kind = config.text.encoder
+  if kind == "minilm":
+    return _folder_digest(str(encoder_folder(config)))
+  if kind == "file":
+    return _embedding_file(config).digest
+  return None
+
+
+def check_digest(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError when the run's ``text.digest`` (set when it started) is not the digest of
+  the encoder files at ``text.encoder_path`` now: its denoiser was trained on other encodings.
+  Runs from before the digest was recorded (None) are not checked."""
+  stored = config.text.get("digest")
+  if stored is None or (now := files_digest(config)) == stored:
+    return
+  where = config.text.encoder_path or "the packaged MiniLM"
+  raise ValueError(
+    f"text.encoder_path={where!r}: the {config.text.encoder} encoder's files there are not the"
+    f" ones this run was trained with (their digest is {now[:12]}, the run's text.digest"
+    f" {stored[:12]}); restore those files or point text.encoder_path at them"
+  )
 
 
 class _ByteTokens:
@@ -194,6 +233,7 @@ class _ByteTokens:
 
 def encoder(config: ml_collections.ConfigDict) -> Any:
   """The run's encoder: an object whose ``encode(texts)`` gives the denoiser's text inputs.
+  A frozen encoder's files are checked against the run's ``text.digest`` (:func:`check_digest`).
 
   ``minilm``: the frozen :class:`jaxdiff.text.TextEncoder` at ``text.max_length`` (loaded once
   per process); ``file``: the :class:`jaxdiff.text_files.EmbeddingFile` of
@@ -202,6 +242,7 @@ def encoder(config: ml_collections.ConfigDict) -> Any:
   kind = config.text.encoder
   if kind == "transformer":
     return _ByteTokens(int(config.text.max_length))
+  check_digest(config)
   if kind == "file":
     return _embedding_file(config)
   return _load(str(encoder_folder(config)), int(config.text.max_length))
@@ -291,6 +332,8 @@ def caption_table(
   captions); a ``file`` encoder's are looked up and the ``transformer``'s byte ids computed,
   both cheap enough to redo at each start.
   """
+  if config.text.encoder != "transformer":
+    check_digest(config)  # a cached table is the encoding of the files now, not the run's
   captions = split_captions(config, split)
   distinct = ["", *sorted(set(captions) - {""})]
   row = {c: i for i, c in enumerate(distinct)}

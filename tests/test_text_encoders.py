@@ -3,6 +3,9 @@ the denoiser, and precomputed embeddings read from a file; and captions from a t
 feature. MiniLM itself is tests/test_text_encoder.py; the shared text plumbing
 tests/test_text_conditioning.py, whose tiny captioned folder and random BERT these reuse."""
 
+import copy
+import hashlib
+
 import chex
 import jax
 import numpy as np
@@ -296,6 +299,51 @@ def test_file_encoder_gives_the_table_the_encoder_it_came_from_gives(
   config.text.encoder_path = ""
   lines = training.validation.problems(config, 8)
   assert any("text.encoder_path is empty" in p for p in lines)
+
+
+def test_a_frozen_encoders_files_are_pinned_by_digest(captioned_dir, encoder_dir, tmp_path):
+  """text.digest: the SHA-256 of the frozen encoder's files when the run starts. Reading the run
+  later (the encoder, its caption table, validation) refuses other files at that path, and a
+  resume refuses a changed digest; a run from before the digest was recorded is not checked."""
+  config = text_config(captioned_dir, encoder_dir, tmp_path / "cache")
+  out = prompts.encoder(prompts.resolve(config)).encode(["", "a dark coat"])
+  path = text_files.save_embeddings(tmp_path / "e.npz", ["", "a dark coat"], out["tokens"],
+                                    out["mask"])  # fmt: skip
+  config.text.encoder, config.text.encoder_path = "file", str(path)
+  resolved = prompts.resolve(config)
+  assert resolved.text.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert prompts.resolve(resolved).text.digest == resolved.text.digest  # resolving twice is fine
+  minilm = prompts.resolve(text_config(captioned_dir, encoder_dir, tmp_path / "cache"))
+  assert len(minilm.text.digest) == 64 and minilm.text.digest != resolved.text.digest
+  assert prompts.resolve(transformer_config(captioned_dir, tmp_path)).text.digest is None
+
+  # The file is rewritten with other encodings (a new process reads it afresh).
+  text_files.save_embeddings(path, ["", "a dark coat"], out["tokens"] + 1, out["mask"])
+  prompts._load_file.cache_clear()
+  message = (
+    rf"text.encoder_path='{path}': the file encoder's files there are not the ones this run was"
+    rf" trained with \(their digest is [0-9a-f]{{12}}, the run's text.digest"
+    rf" {resolved.text.digest[:12]}\)"
+  )
+  with pytest.raises(ValueError, match=message):
+    prompts.encoder(resolved)
+  with pytest.raises(ValueError, match=message):
+    prompts.caption_table(resolved)
+  with pytest.raises(ValueError, match=message):
+    prompts.resolve(resolved)
+  lines = training.validation.problems(resolved, 8)
+  assert [line for line in lines if "text.encoder_path" in line] == [
+    next(line for line in lines if "not the ones this run was trained with" in line)
+  ]
+  older = copy.deepcopy(resolved)
+  older.text.digest = None  # config.json of a run from before text.digest
+  prompts.encoder(older)  # not checked
+
+  stored = training.resume.as_json(resolved)
+  with pytest.raises(training.ResumeRefusedError, match=r"text\.digest: '[0-9a-f]{64}' -> '"):
+    training.resume.check(stored, prompts.resolve(config), "w")
+  del stored["text"]["digest"]
+  assert "text.digest" in training.resume.check(stored, prompts.resolve(config), "w")
 
 
 # ----------------------------------------------------------------------------- tfds text feature

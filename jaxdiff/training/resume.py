@@ -94,6 +94,8 @@ def changes(
 def _why_fixed(key: str, old: Any, new: Any) -> bool:
   if key in FREE:
     return False
+  if key == "text.digest" and old is None:  # a run from before the digest was recorded
+    return False
   if key == "training.grad_clip":  # on <-> off changes the optimiser state's structure
     return (old is not None and old > 0) != (new is not None and new > 0)
   return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FIXED)
