@@ -33,12 +33,23 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def jaxdiff_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
-  """``python -m jaxdiff ARGS`` on one CPU device, sharing the tests' compilation cache."""
+def cli_env(devices: int = 1, *, checkout: bool = False) -> dict[str, str]:
+  """The environment of a ``python -m jaxdiff`` child: this one without its JAX/XLA settings,
+  ``devices`` CPU devices, the tests' compilation cache shared (a child compiling what another
+  already did loads it instead), and with ``checkout`` the checkout on ``PYTHONPATH``."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env.update(
-    JAX_PLATFORMS="cpu", JAXDIFF_CPU_DEVICES="1", JAX_COMPILATION_CACHE_DIR=os.path.abspath(_CACHE)
-  )
+    JAX_PLATFORMS="cpu", JAXDIFF_CPU_DEVICES=str(devices),
+    JAX_COMPILATION_CACHE_DIR=os.path.abspath(_CACHE),
+  )  # fmt: skip
+  if checkout:
+    env["PYTHONPATH"] = str(ROOT)
+  return env
+
+
+def jaxdiff_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+  """``python -m jaxdiff ARGS`` on one CPU device, sharing the tests' compilation cache."""
+  env = cli_env()
   cmd = [sys.executable, "-m", "jaxdiff", *args]
   return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

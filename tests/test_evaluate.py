@@ -2,7 +2,6 @@
 and ``jaxdiff evaluate`` on the tiny trained run."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,8 @@ from jaxdiff import data, evaluation, models, parallel
 from jaxdiff.core import diffusion as D
 from jaxdiff.core import likelihood
 from jaxdiff.sampling import sample_from_config
+from tests.conftest import cli_env
 
-ROOT = Path(__file__).resolve().parents[1]
 N = 12  # test images for bits/dim
 
 
@@ -214,15 +213,8 @@ def test_ode_bpd_of_a_model_through_its_process(setup, tmp_path):
 
 
 def _evaluate(*flags: str) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  cache = os.environ.get("JAXDIFF_TEST_CACHE", str(ROOT / ".jax_cache"))
-  env.update(
-    PYTHONPATH=str(ROOT),
-    JAX_PLATFORMS="cpu",
-    JAXDIFF_CPU_DEVICES="2",
-    JAX_COMPILATION_CACHE_DIR=os.path.abspath(cache),
-  )
   cmd = [sys.executable, "-m", "jaxdiff", "evaluate", *flags]
+  env = cli_env(devices=2, checkout=True)
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

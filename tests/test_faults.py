@@ -9,7 +9,6 @@ suite (here and in test_multiprocess.py).
 
 import concurrent.futures
 import json
-import os
 import random
 import shutil
 import signal
@@ -24,7 +23,7 @@ import pytest
 import jaxdiff
 from jaxdiff import training
 from jaxdiff.io import checkpoints
-from tests.conftest import ROOT, files_of, jaxdiff_cli, tiny_config
+from tests.conftest import ROOT, cli_env, files_of, jaxdiff_cli, tiny_config
 
 
 def _good_config(image_dir, **overrides):
@@ -270,12 +269,10 @@ def jax_leaves(tree):
 
 
 def _train_process(workdir, image_dir, num_steps):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env.update(JAX_PLATFORMS="cpu", JAXDIFF_CPU_DEVICES="1", PYTHONPATH=str(ROOT))
   args = _train_args(workdir, image_dir, f"--config.training.num_steps={num_steps}")
   return subprocess.Popen(
     [sys.executable, "-m", "jaxdiff", *args],
-    env=env,
+    env=cli_env(checkout=True),  # the later processes load the train step the first compiled
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
