@@ -86,7 +86,8 @@ def lucidrains_diffusion(target_params: int, image_size: int, **diffusion_kwargs
 
 
 def jax_fashion_model(batch_size: int):
-  """The ``fashion_mnist`` config's model and train state on all CPU cores."""
+  """The ``fashion_mnist_ddpm`` config's model and train state on all CPU cores (a DDPM, as
+  denoising-diffusion-pytorch's is)."""
   import sys
 
   sys.path.insert(0, str(ROOT))
@@ -95,10 +96,10 @@ def jax_fashion_model(batch_size: int):
   parallel.use_all_cpu_cores()
   import jax
 
-  from configs import fashion_mnist
+  from configs import fashion_mnist_ddpm
   from jaxdiff import training
 
-  config = fashion_mnist.get_config()
+  config = fashion_mnist_ddpm.get_config()
   config.training.batch_size = batch_size
   mesh = parallel.make_mesh()
   graphdef, abstract_params, optimizer, diffusion = training.build(config)

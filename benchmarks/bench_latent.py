@@ -2,7 +2,7 @@
 
   python benchmarks/bench_latent.py [--rounds 3] [--steps 10] [--models NAME ...]
 
-Each of ``configs/fashion_mnist.py`` (pixel U-Net), ``fashion_mnist_autoencoder.py``,
+Each of ``configs/fashion_mnist_ddpm.py`` (pixel U-Net), ``fashion_mnist_autoencoder.py``,
 ``fashion_mnist_latent.py`` (U-Net on 8x8x4 latents), ``fashion_mnist_latent_dit.py`` and
 ``fashion_mnist_text.py`` (the latent U-Net with cross-attention to 16 MiniLM tokens; random
 tokens, the encoder's cost is paid once per caption, not per step) runs its jitted train step on
@@ -28,7 +28,7 @@ import baseline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
-  "pixel U-Net": "fashion_mnist.py",
+  "pixel U-Net": "fashion_mnist_ddpm.py",  # the DDPM the latent runs are
   "autoencoder": "fashion_mnist_autoencoder.py",
   "latent U-Net": "fashion_mnist_latent.py",
   "latent DiT": "fashion_mnist_latent_dit.py",

@@ -3,9 +3,9 @@
 ``sampling.sample(..., progress=...)`` compiles a ``jax.debug.callback`` into the scan body
 (``jaxdiff.sampling.progress``) that fires once per sampler step. This times one jitted
 sampler call with the callback (feeding a tqdm bar written to ``/dev/null``, as a real bar
-costs) against one without, for the README's model (``configs/fashion_mnist.py``, random
-weights) and the tiny test model, on all CPU cores with the batch sharded over them, as the
-CLI samples.
+costs) against one without, for the README's U-Net as a DDPM
+(``configs/fashion_mnist_ddpm.py``, random weights) and the tiny test model, on all CPU cores
+with the batch sharded over them, as the CLI samples.
 
 Method: each repeat is a pair timed back to back (the order alternating), so load on a shared
 machine hits both alike. Reported per model: the median over pairs of ``with / without - 1``,
@@ -17,7 +17,7 @@ samples with and without the callback are also compared bit for bit.
 
 Run from the repository root::
 
-  python benchmarks/bench_progress.py [--models fashion_mnist,tiny --steps 50 --batch 64]
+  python benchmarks/bench_progress.py [--models fashion_mnist_ddpm,tiny --steps 50 --batch 64]
 
 Prints a table; writes nothing.
 """
@@ -118,7 +118,7 @@ def bench(name: str, batch: int, steps: int, repeats: int, mesh) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default="fashion_mnist,tiny")
+  parser.add_argument("--models", default="fashion_mnist_ddpm,tiny")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--repeats", type=int, default=7)

@@ -1,5 +1,6 @@
 """The Fashion-MNIST quality study in the README: likelihood and sample quality of the
-``fashion_mnist`` config on this machine, versus training time, sampler and EMA.
+``fashion_mnist_ddpm`` config (the README's main job until 2026-12-01) on this machine, versus
+training time, sampler and EMA.
 
 Run from the repository root (the run's checkpoints are reused if ``--workdir`` holds them)::
 
@@ -7,8 +8,8 @@ Run from the repository root (the run's checkpoints are reused if ``--workdir`` 
 
 What it does, in order, with every number from ``jaxdiff.evaluation``'s evaluators:
 
-1. Trains ``configs/fashion_mnist.py`` (the README's main job) into ``--workdir``, keeping a
-   checkpoint every ``--checkpoint_every`` steps; skipped if the run is complete.
+1. Trains ``configs/fashion_mnist_ddpm.py`` into ``--workdir``, keeping a checkpoint every
+   ``--checkpoint_every`` steps; skipped if the run is complete.
 2. Gets the feature network: jaxdiff's Fashion-MNIST classifier from the cache (this script
    trains it first if it is not there, as ``--train_classifier`` does; its test accuracy is
    recorded).
@@ -68,11 +69,11 @@ def _steps(text: str) -> list[int]:
 
 
 def _train(workdir: Path, checkpoint_every: int, manual_dir: str) -> None:
-  from configs import fashion_mnist
+  from configs import fashion_mnist_ddpm
   from jaxdiff import training
   from jaxdiff.io import checkpoints
 
-  config = fashion_mnist.get_config()
+  config = fashion_mnist_ddpm.get_config()
   config.data.manual_dir = manual_dir
   config.training.checkpoint_every = checkpoint_every
   config.training.keep_checkpoints = config.training.num_steps // checkpoint_every + 1
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     net, config.data, split="test", cache_dir=evaluation.cache_dir(args.cache_dir)
   )
   study: dict = {
-    "config": "configs/fashion_mnist.py",
+    "config": "configs/fashion_mnist_ddpm.py",
     "devices": f"{parallel.make_mesh().size} x {_device_kind()}",
     "features": net.name,
     "classifier_test_accuracy": meta.get("test_accuracy"),

@@ -1,5 +1,6 @@
-"""The noise-process study in the README (issue 15, item 8): the README main job's recipe against
-v-prediction with min-SNR, EDM, VDM and flow matching, each trained on the main job's budget.
+"""The noise-process study in the README (issue 15, item 8): the DDPM recipe (the README main
+job's until 2026-12-01) against v-prediction with min-SNR, EDM, VDM and flow matching, each
+trained on the main job's budget. Flow matching won on FD and is the main job's recipe now.
 
 Run from the repository root; a recipe whose run is complete is reused, one that is not is
 trained (or resumed) first, and a recipe already measured in ``OUT/study.json`` (same step and
@@ -9,9 +10,10 @@ sittings, one recipe at a time::
   python benchmarks/study_processes.py --root runs/study_processes            # all recipes
   python benchmarks/study_processes.py --root runs/study_processes --recipes ddpm,flow
 
-Every recipe is ``configs/fashion_mnist.py`` (1.6M-parameter U-Net, 1,300 steps of batch 64,
-the same optimiser, EMA and seed) with the overrides of :data:`RECIPES`, so the only difference
-is the noise process and its loss. For each, with the EMA parameters of the last checkpoint:
+Every recipe is ``configs/fashion_mnist_ddpm.py`` (1.6M-parameter U-Net, 1,300 steps of batch
+64, the same optimiser, EMA and seed) with the overrides of :data:`RECIPES`, so the only
+difference is the noise process and its loss (the flow recipe is ``configs/fashion_mnist.py``).
+For each, with the EMA parameters of the last checkpoint:
 
 1. sample quality: the classifier Fréchet distance (the Fashion-MNIST classifier's features, as
    in the README's other studies) of ``--fd_samples`` samples, for each of the recipe's samplers
@@ -19,7 +21,7 @@ is the noise process and its loss. For each, with the EMA parameters of the last
 2. likelihood: bits/dim of the first ``--bpd_examples`` test images by the probability-flow ODE
    (``jaxdiff.evaluation.ode_bpd``; the same images, dequantisation and probes for every
    recipe, so the comparison is paired: the table gives each recipe's per-image difference from
-   the main job's; ``--redo_ode`` measures it again for recipes already measured), and the
+   DDPM's; ``--redo_ode`` measures it again for recipes already measured), and the
    recipe's own variational bound where it has one
    (ddpm's T-term bound on ``--bound_examples`` images; VDM's continuous-time bound);
 3. time per training step: the jitted train steps of all recipes timed round-robin in this one
@@ -63,11 +65,11 @@ RECIPES: dict[str, tuple[dict[str, object], list[tuple[str, int]]]] = {
   ),
 }
 LABELS = {
-  "ddpm": "DDPM, eps, uniform t (the README main job)",
+  "ddpm": "DDPM, eps, uniform t (the main job until 2026-12-01)",
   "v_minsnr": "DDPM, v-prediction, min-SNR-5 weighting",
   "edm": "EDM (preconditioning, log-normal sigma)",
   "vdm": "VDM (learned schedule, continuous-time bound)",
-  "flow": "flow matching (rectified flow, logit-normal t)",
+  "flow": "flow matching, logit-normal t (the README main job)",
 }
 
 
@@ -94,16 +96,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def recipe_config(name: str, args: argparse.Namespace):
-  from configs import fashion_mnist
+  from configs import fashion_mnist_ddpm
 
-  config = fashion_mnist.get_config()
+  config = fashion_mnist_ddpm.get_config()
   config.data.manual_dir = args.manual_dir
   for dotted, value in RECIPES[name][0].items():
     section, key = dotted.split(".")
     config[section][key] = value
   if config.diffusion.process != "ddpm":
-    # The main job's sampler (ddim) is not one of every process: the samples drawn during
-    # training use the recipe's first.
+    # DDPM's sampler (ddim) is not one of every process: the samples drawn during training use
+    # the recipe's first. So the flow recipe is configs/fashion_mnist.py, the main job.
     config.sampling.sampler, config.sampling.num_steps = RECIPES[name][1][0]
   if args.num_steps:
     config.training.num_steps = args.num_steps
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     study = _save_row(out, name, row, fd_samples=args.fd_samples, bpd_examples=args.bpd_examples)
   study = _load(out)  # with the rows of any other process measuring other recipes meanwhile
   if args.time or set(study["recipes"]) == set(RECIPES):
-    study["seconds_per_step"] = _step_times([n for n in RECIPES if n in study["recipes"]], args)
+    study["seconds_per_step"] = _step_times(list(RECIPES), args)  # needs no trained run
     _save(out, study)
   plot(study, out)
   print(table(study))
@@ -298,7 +300,7 @@ def table(study: dict) -> str:
   """The README's markdown table."""
   base = study.get("seconds_per_step", {}).get("ddpm")
   lines = [
-    "| recipe | best sampler | FD | ODE bits/dim | − main job's (paired) | own bound |"
+    "| recipe | best sampler | FD | ODE bits/dim | − DDPM's (paired) | own bound |"
     " s/step (ratio) |",
     "|---|---|---:|---:|---:|---:|---:|",
   ]
