@@ -304,7 +304,7 @@ def table(study: dict) -> str:
     " s/step (ratio) |",
     "|---|---|---:|---:|---:|---:|---:|",
   ]
-  for name, row in _rows(study).items():
+  for name, row in _rows(study).items():  # the labels as they read now (which is the main job)
     best = _best(row)
     ode = row["ode_bpd"]
     bound = row.get("bound")
@@ -313,8 +313,9 @@ def table(study: dict) -> str:
     time_cell = f"{sec:.2f} ({sec / base:.2f})" if sec and base else ""
     diff = paired_difference(ode, study["recipes"].get("ddpm", {}).get("ode_bpd"))
     diff_cell = "—" if name == "ddpm" else "" if diff is None else f"{diff[0]:+.3f} ± {diff[1]:.3f}"
+    label = LABELS.get(name, row["label"])
     lines.append(
-      f"| {row['label']} | {best['sampler']} {best['steps']} | {best['fd']:.2f} | "
+      f"| {label} | {best['sampler']} {best['steps']} | {best['fd']:.2f} | "
       f"{ode['bpd']:.3f} ± {ode['bpd_stderr']:.3f} | {diff_cell} | {own} | {time_cell} |"
     )
   return "\n".join(lines)
@@ -339,11 +340,13 @@ def plot(study: dict, out: Path) -> None:
   fig = Figure(figsize=(7, 3.6), dpi=120)
   ax = fig.subplots()
   for i, row in enumerate(rows.values()):
-    for r in row["fd"]:
+    for j, r in enumerate(sorted(row["fd"], key=lambda r: r["fd"])):  # labels stacked upwards
       ax.scatter(i, r["fd"], s=25)
-      ax.annotate(f"{r['sampler']} {r['steps']}", (i, r["fd"]), fontsize=7, xytext=(4, 0),
-                  textcoords="offset points")  # fmt: skip
+      ax.annotate(f"{r['sampler']} {r['steps']}: {r['fd']:.1f}", (i, r["fd"]), fontsize=7,
+                  xytext=(6, -3 + 9 * j), textcoords="offset points")  # fmt: skip
   ax.set_xticks(range(len(rows)), list(rows), fontsize=8)
+  ax.set_xlim(-0.3, len(rows) - 0.4)  # room for the last recipe's labels
+  ax.set_ylim(bottom=0)
   ax.set_ylabel(f"classifier FD, N={study['fd_samples']} (lower is better)")
   ax.grid(alpha=0.3)
   fig.tight_layout()
