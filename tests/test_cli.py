@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import cli
+from jaxdiff import cli, training
 from jaxdiff import config as config_lib
 from jaxdiff.run import read_config
 from tests.conftest import files_of as _files
@@ -163,6 +163,18 @@ def test_every_config_file_loads_from_any_folder(tmp_path, monkeypatch):
   mnist = config_lib.from_file(ROOT / "configs" / "mnist.py")
   fashion = config_lib.from_file(ROOT / "configs" / "fashion_mnist.py")
   assert mnist.data.name == "mnist" and mnist.model.ch == fashion.model.ch
+
+
+def test_the_ddpm_recipe_is_the_main_job_with_another_noise_process():
+  # The README's process study compares recipes that differ only in the noise process: the
+  # DDPM recipe (the main job's until 2026-12-01) must keep the main job's model and training.
+  main = config_lib.from_file(ROOT / "configs" / "fashion_mnist.py")
+  ddpm = config_lib.from_file(ROOT / "configs" / "fashion_mnist_ddpm.py")
+  changed = training.resume.changes(training.resume.as_json(main), ddpm)
+  assert set(changed) == {
+    "diffusion.process", "diffusion.t_sampler", "sampling.sampler", "sampling.num_steps"
+  }  # fmt: skip
+  assert (main.diffusion.process, ddpm.diffusion.process) == ("flow", "ddpm")
 
 
 def test_a_users_config_file_builds_on_the_library_schema(tmp_path, monkeypatch):
