@@ -1,7 +1,6 @@
 """Two processes on loopback train in agreement with one (jax.distributed, gloo on CPU)."""
 
 import json
-import os
 import re
 import signal
 import socket
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import cli_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,8 +25,9 @@ def _free_port() -> int:
 
 
 def _env(**extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env.update({"JAX_PLATFORMS": "cpu", "JAXDIFF_CPU_DEVICES": "1", "PYTHONPATH": str(ROOT)})
+  # The tests' compilation cache is shared: under jax.distributed only process 0 writes to it,
+  # and a later test's processes load what an earlier one compiled.
+  env = cli_env(checkout=True)
   env.update(extra)
   return env
 
