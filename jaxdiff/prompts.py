@@ -332,8 +332,7 @@ def caption_table(
   captions); a ``file`` encoder's are looked up and the ``transformer``'s byte ids computed,
   both cheap enough to redo at each start.
   """
-  if config.text.encoder != "transformer":
-    check_digest(config)  # a cached table is the encoding of the files now, not the run's
+  check_digest(config)  # a cached table is the encoding of the files now, not the run's
   captions = split_captions(config, split)
   distinct = ["", *sorted(set(captions) - {""})]
   row = {c: i for i, c in enumerate(distinct)}

@@ -126,6 +126,20 @@ class Run:
       raise ValueError(f"params={which!r}; allowed: {', '.join(PARAMS)}")
     return models.bind(self.graphdef, self.params if which == "ema" else self.raw_params)
 
+  def _sampling_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` for ``sample_from_config`` (``steps`` is ``num_steps``), refused for an
+    autoencoder run, which has nothing to sample."""
+    if self.is_autoencoder:
+      raise ValueError(f"{self.workdir} is an autoencoder run: it encodes and decodes, not samples")
+    if "steps" in overrides:
+      overrides["num_steps"] = overrides.pop("steps")
+    return overrides
+
+  @property
+  def _decoder(self) -> Callable[[Any], jax.Array] | None:
+    """A latent run's decoding of its samples to images; None for a pixel run."""
+    return self.decode if self.autoencoder is not None else None
+
   def sample_fn(
     self, params: str = "ema", *, progress: bool = False, **overrides: Any
   ) -> Callable[[jax.Array, int], jax.Array]:
@@ -136,18 +150,15 @@ class Run:
     A text run draws from its training split's own captions, in order, as the data is drawn (so
     a Fréchet distance compares like with like). ``overrides`` as for :meth:`sample`.
     """
-    if self.is_autoencoder:
-      raise ValueError(f"{self.workdir} is an autoencoder run: it encodes and decodes, not samples")
-    if "steps" in overrides:
-      overrides["num_steps"] = overrides.pop("steps")
+    overrides = self._sampling_overrides(overrides)
     model_fn = self.model_fn(params)
     table = prompts.caption_table(self.config) if is_text(self.config) else None
-    decode = self.decode if self.autoencoder is not None else None
 
     def sample_fn(key: jax.Array, n: int) -> jax.Array:
       return sample_from_config(
         self.config, self.diffusion, model_fn, key, n, mesh=self.mesh, progress=progress,
-        decode=decode, conditioning=None if table is None else table.first(n), **overrides,
+        decode=self._decoder, conditioning=None if table is None else table.first(n),
+        **overrides,
       )  # fmt: skip
 
     return sample_fn
@@ -177,10 +188,7 @@ class Run:
     ``guidance_scale``; None keeps the config's value. Writes nothing. With
     ``return_trajectory``, also the chain ``[S + 1, N, H, W, C]`` (uint8, x_T first).
     """
-    if self.is_autoencoder:
-      raise ValueError(f"{self.workdir} is an autoencoder run: it encodes and decodes, not samples")
-    if "steps" in overrides:
-      overrides["num_steps"] = overrides.pop("steps")
+    overrides = self._sampling_overrides(overrides)
     conditioning = None
     if is_text(self.config):
       texts = prompts.check_prompts("" if prompt is None else prompt)
@@ -205,7 +213,7 @@ class Run:
       class_label=class_label,
       return_trajectory=return_trajectory,
       progress=progress,
-      decode=self.decode if self.autoencoder is not None else None,
+      decode=self._decoder,
       **overrides,
     )
     if return_trajectory:
