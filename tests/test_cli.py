@@ -128,6 +128,8 @@ BAD_EVALUATE_LINES = {  # each metric checks the eval fields it reads, all at on
   "ode_bpd": (["--metric=ode_bpd", "--ode_steps=0", "--num_examples=-1"],
               ["eval.num_examples=-1: must be an int >= 0",
                "eval.ode_steps=0: must be an int >= 1"]),
+  "dopri5": (["--metric=ode_bpd", "--ode_method=dopri5", "--ode_rtol=0", "--ode_max_steps=0"],
+             ["--ode_rtol=0.0: a tolerance > 0", "--ode_max_steps=0: an int >= 1"]),
   "bpd": (["--metric=bpd", "--batch_size=0", "--t_chunk=0"],
           ["eval.batch_size=0: must be an int >= 1", "t_chunk=0: an integer >= 1"]),
   "fd": (["--metric=fd", "--num_samples=1", "--ode_steps=0"],  # fd does not read ode_steps
@@ -139,7 +141,7 @@ def test_bad_evaluate_command_lines_name_every_bad_field_and_only_those(tiny_run
   def run(case):
     return jaxdiff_cli("evaluate", f"--workdir={tiny_run}", *BAD_EVALUATE_LINES[case][0])
 
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+  with concurrent.futures.ThreadPoolExecutor(len(BAD_EVALUATE_LINES)) as pool:
     procs = dict(zip(BAD_EVALUATE_LINES, pool.map(run, BAD_EVALUATE_LINES), strict=True))
   for case, proc in procs.items():
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, (case, proc.stderr)

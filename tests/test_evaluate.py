@@ -233,15 +233,19 @@ def test_command_prints_one_json_line_and_writes_files(tiny_run, tmp_path):
 
 @pytest.mark.slow  # a second subprocess; ode_bits_per_dim itself is tested above
 def test_command_ode_bpd(tiny_run, tmp_path):
+  """With adaptive steps: the tiny U-Net called at a different sigma for each image."""
   out = tmp_path / "eval"
   proc = _evaluate(
-    f"--workdir={tiny_run}", "--metric=ode_bpd", "--num_examples=4", "--ode_steps=2",
-    "--batch_size=4", f"--out={out}",
+    f"--workdir={tiny_run}", "--metric=ode_bpd", "--num_examples=4", "--ode_method=dopri5",
+    "--ode_rtol=1e-2", "--ode_atol=1e-2", "--ode_max_steps=100", "--batch_size=4", f"--out={out}",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert record["metric"] == "ode_bpd" and record["num_examples"] == 4 and record["num_steps"] == 2
-  assert np.isfinite(record["bpd"]) and record["method"] == "rk4"
+  assert record["metric"] == "ode_bpd" and record["num_examples"] == 4
+  assert {k: record[k] for k in ("method", "rtol", "atol", "max_steps")} == {
+    "method": "dopri5", "rtol": 0.01, "atol": 0.01, "max_steps": 100
+  }  # fmt: skip
+  assert np.isfinite(record["bpd"]) and 8 <= record["nfe_mean"] <= record["nfe_max"] <= 602
   assert [Path(p).name for p in record["files"]] == ["ode_bpd_test_n4_step2_ema.json"]
   bad = _evaluate(f"--workdir={tiny_run}", "--metric=ode_bpd", "--ode_steps=0")
   assert bad.returncode == 1 and "eval.ode_steps=0: must be an int >= 1" in bad.stderr

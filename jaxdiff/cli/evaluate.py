@@ -3,6 +3,7 @@ sample quality (FD / IS).
 
   jaxdiff evaluate --workdir runs/fmnist --metric bpd --split test --num_examples 1000
   jaxdiff evaluate --workdir runs/fm_flow --metric ode_bpd --num_examples 100 --ode_steps 32
+  jaxdiff evaluate --workdir runs/fm_flow --metric ode_bpd --ode_method dopri5 --ode_rtol 1e-5
   jaxdiff evaluate --workdir runs/fmnist --metric fd --num_samples 10000 --sampler ddim --steps 100
   jaxdiff evaluate --workdir runs/cifar10 --metric fid --num_samples 50000 \\
       --features_path pt_inception.npz                   # the standard FID: Inception features
@@ -54,7 +55,14 @@ flags.DEFINE_integer("seed", 0, "Noise (bpd) or sampling (fd, fid) seed.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/eval; '' writes nothing).")
 flags.DEFINE_integer("t_chunk", 100, "bpd: timesteps per compiled scan.")
 flags.DEFINE_enum(
-  "ode_method", "rk4", ["rk4", "heun"], "ode_bpd: the solver (4 or 2 calls a step)."
+  "ode_method", "rk4", ["rk4", "heun", "dopri5"],
+  "ode_bpd: the solver: fixed --ode_steps of rk4 or heun (4 or 2 calls a step), or adaptive"
+  " dopri5 steps (Dormand-Prince 5(4), each image its own) to --ode_rtol and --ode_atol.",
+)  # fmt: skip
+flags.DEFINE_float("ode_rtol", 1e-5, "ode_bpd, dopri5: relative tolerance (Song et al.'s 1e-5).")
+flags.DEFINE_float("ode_atol", 1e-5, "ode_bpd, dopri5: absolute tolerance.")
+flags.DEFINE_integer(
+  "ode_max_steps", 1000, "ode_bpd, dopri5: most attempted steps per image (6 calls each)."
 )
 flags.DEFINE_enum(
   "divergence", "hutchinson", ["hutchinson", "exact"],
@@ -156,6 +164,15 @@ def _check(config: Any) -> list[str]:
   if FLAGS.metric in ("bpd", "ode_bpd", "recon"):
     fields = ["num_examples", "batch_size"] + (["ode_steps"] if FLAGS.metric == "ode_bpd" else [])
     problems = evaluator.field_problems(config, fields)
+    if FLAGS.metric == "ode_bpd":
+      from jaxdiff.evaluation import ode_bpd
+
+      solver = ode_bpd.solver_problems(
+        FLAGS.ode_method, config.eval.ode_steps, FLAGS.ode_rtol, FLAGS.ode_atol,
+        FLAGS.ode_max_steps, FLAGS.divergence,
+      )  # fmt: skip
+      # in the flags' names; eval.ode_steps has its line from the field check above
+      problems += [f"--ode_{line}" for line in solver if not line.startswith("num_steps")]
     if FLAGS.metric == "bpd" and FLAGS.t_chunk < 1:
       problems.append(f"t_chunk={FLAGS.t_chunk}: an integer >= 1")
     return problems
@@ -286,7 +303,8 @@ def _ode_bpd(config: Any) -> dict[str, Any]:
   record = evaluation.ode_bits_per_dim(
     process_lib.sigma_view(run.diffusion, run.model_fn(FLAGS.params)), examples,
     batch_size=ecfg.batch_size, seed=FLAGS.seed, num_steps=ecfg.ode_steps,
-    method=FLAGS.ode_method, divergence=FLAGS.divergence, mesh=run.mesh, progress=True,
+    method=FLAGS.ode_method, divergence=FLAGS.divergence, rtol=FLAGS.ode_rtol,
+    atol=FLAGS.ode_atol, max_steps=FLAGS.ode_max_steps, mesh=run.mesh, progress=True,
   )  # fmt: skip
   record = {**record, **_context(run), "split": ecfg.split}
   if (out := _out_dir()) is not None and jax.process_index() == 0:

@@ -53,8 +53,38 @@ def nats_to_bits_per_dim(log_p: jax.Array, num_dims: int) -> jax.Array:
   return -log_p / (num_dims * math.log(2.0)) + math.log2(PIXEL_SCALE)
 
 
-def _batch_bpd(view: ode.SigmaView, options: dict[str, Any], pixels, keys) -> jax.Array:
-  """``[B]`` bits/dim of a batch of uint8 images, each with its own u and probe."""
+def solver_problems(
+  method: str, num_steps: int, rtol: float, atol: float, max_steps: int, divergence: str
+) -> list[str]:
+  """What is wrong with these solver settings (the ones the method reads), one line each."""
+  problems = []
+  if method not in ode.METHODS:
+    problems.append(f"method={method!r}: allowed {', '.join(ode.METHODS)}")
+  if divergence not in ode.DIVERGENCES:
+    problems.append(f"divergence={divergence!r}: allowed {', '.join(ode.DIVERGENCES)}")
+  if method in ode.FIXED_METHODS and not num_steps >= 1:
+    problems.append(f"num_steps={num_steps}: need >= 1 solver steps")
+  if method == "dopri5":
+    for name, value in (("rtol", rtol), ("atol", atol)):
+      if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        problems.append(f"{name}={value}: a tolerance > 0")
+    if not (isinstance(max_steps, int) and max_steps >= 1):
+      problems.append(f"max_steps={max_steps}: an int >= 1")
+  return problems
+
+
+def _check_solved(solved: np.ndarray, max_steps: int) -> None:
+  if not solved.all():
+    raise RuntimeError(
+      f"dopri5 reached sigma_max for {int(solved.sum())} of {len(solved)} images within"
+      f" max_steps={max_steps} attempted steps (first unsolved: image"
+      f" {int(np.argmin(solved))}); allow more steps or loosen rtol/atol"
+    )
+
+
+def _batch_bpd(view: ode.SigmaView, options: dict[str, Any], pixels, keys) -> tuple:
+  """``[B]`` bits/dim of a batch of uint8 images, each with its own u and probe, and the
+  solver's ``[B]`` evaluations and ``[B]`` solved flags."""
   shape, dtype = pixels.shape[1:], jnp.float32
 
   def draws(key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,7 +102,7 @@ def _batch_bpd(view: ode.SigmaView, options: dict[str, Any], pixels, keys) -> ja
     probe=probe,
     **options,
   )
-  return nats_to_bits_per_dim(out["log_p"], math.prod(shape))
+  return nats_to_bits_per_dim(out["log_p"], math.prod(shape)), out["nfe"], out["solved"]
 
 
 def ode_bits_per_dim(
@@ -84,6 +114,9 @@ def ode_bits_per_dim(
   num_steps: int = 64,
   method: str = "rk4",
   divergence: str = "hutchinson",
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  max_steps: int = 1000,
   mesh: Mesh | None = None,
   progress: bool = False,
 ) -> dict[str, Any]:
@@ -95,41 +128,46 @@ def ode_bits_per_dim(
     batch_size: global examples per batch, a positive multiple of the mesh's devices.
     seed: the dequantisation and probe seed.
     num_steps: fixed solver steps, even in ln sigma (4 model calls each with ``rk4``, 2 with
-      ``heun``; each a forward and a Jacobian-vector product).
-    method: ``rk4`` or ``heun``.
+      ``heun``; each a forward and a Jacobian-vector product); unused by ``dopri5``.
+    method: ``rk4``, ``heun`` or ``dopri5`` (adaptive steps to ``rtol``/``atol``, at most
+      ``max_steps`` attempted; an image that needs more is an error).
     divergence: ``hutchinson`` (one Rademacher probe per example) or ``exact`` (one JVP per
       dimension: small images only).
     mesh: defaults to ``parallel.make_mesh()``.
     progress: a tqdm bar over the batches (process 0).
 
   Returns:
-    ``{"metric": "ode_bpd", "bpd", "bpd_stderr", "num_examples", "num_steps", "method",
-    "divergence", "sigma_min", "sigma_max", "seed", "seconds", "per_example_bpd" [N]}``.
+    ``{"metric": "ode_bpd", "bpd", "bpd_stderr", "num_examples", "method", "divergence",
+    "num_steps" (fixed) or "rtol", "atol", "max_steps" (dopri5), "nfe_mean", "nfe_max" (model
+    evaluations per image), "sigma_min", "sigma_max", "seed", "seconds", "per_example_bpd"
+    [N]}``.
   """
   start = time.perf_counter()
-  if num_steps < 1:
-    raise ValueError(f"num_steps={num_steps}: need >= 1 solver steps")
-  if method not in ode.METHODS or divergence not in ode.DIVERGENCES:
-    raise ValueError(
-      f"method={method!r}, divergence={divergence!r}: allowed methods"
-      f" {', '.join(ode.METHODS)}, divergences {', '.join(ode.DIVERGENCES)}"
-    )
+  if problems := solver_problems(method, num_steps, rtol, atol, max_steps, divergence):
+    raise ValueError("; ".join(problems))
   images = np.asarray(images)
   if images.dtype != np.uint8:
     raise ValueError(f"images must be uint8 [N, H, W, C] (8-bit pixels), got {images.dtype}")
   mesh = parallel.make_mesh() if mesh is None else mesh
   batches = bpd.ExampleBatches(images, batch_size=batch_size, mesh=mesh, seed=seed, pixels=True)
-  options = dict(num_steps=int(num_steps), method=method, divergence=divergence)
+  if method == "dopri5":
+    options = dict(method=method, rtol=float(rtol), atol=float(atol), max_steps=int(max_steps))
+  else:
+    options = dict(method=method, num_steps=int(num_steps))
+  options["divergence"] = divergence
   batch_bpd = jax.jit(functools.partial(_batch_bpd, view, options))
   n = batches.n
-  bits = np.zeros(n)
+  bits, nfe, solved = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, bool)
   quiet = not progress or jax.process_index() != 0
-  desc = f"ODE bits/dim ({n} examples, {num_steps} {method} steps)"
+  solver = f"{method}, rtol {rtol:g}" if method == "dopri5" else f"{num_steps} {method} steps"
+  desc = f"ODE bits/dim ({n} examples, {solver})"
   with tqdm.tqdm(total=len(batches), disable=quiet, unit="batch", desc=desc) as bar:
     for lo, hi, x, keys in batches:
-      bits[lo:hi] = parallel.to_host(batch_bpd(x, keys))[: hi - lo]
+      got = parallel.to_host(batch_bpd(x, keys))
+      bits[lo:hi], nfe[lo:hi], solved[lo:hi] = (a[: hi - lo] for a in got)
       bar.update(1)
-      bar.set_postfix(bpd=f"{bits[:hi].mean():.4f}")
+      bar.set_postfix(bpd=f"{bits[:hi].mean():.4f}", nfe=int(nfe[:hi].max()))
+  _check_solved(solved, max_steps)
   stderr = float(bits.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
   return {
     "metric": "ode_bpd",
@@ -137,6 +175,8 @@ def ode_bits_per_dim(
     "bpd_stderr": stderr,
     "num_examples": n,
     **options,
+    "nfe_mean": float(nfe.mean()),
+    "nfe_max": int(nfe.max()),
     "sigma_min": float(view.sigma_min),
     "sigma_max": float(view.sigma_max),
     "seed": seed,
