@@ -58,7 +58,7 @@ RECIPES: dict[str, tuple[dict[str, object], list[tuple[str, int]]]] = {
     [("dpm++2m", 20), ("ddim", 40)],
   ),
   "edm": ({"diffusion.process": "edm"}, [("heun", 18), ("dpm++2m", 20)]),
-  "vdm": ({"diffusion.process": "vdm"}, [("dpm++2m", 20), ("vdm_ddim", 40), ("vdm", 100)]),
+  "vdm": ({"diffusion.process": "vdm"}, [("dpm++2m", 20), ("vdm_ddim", 40)]),
   "flow": (
     {"diffusion.process": "flow", "diffusion.t_sampler": "logit_normal"},
     [("heun", 18), ("dpm++2m", 20), ("euler", 36)],
