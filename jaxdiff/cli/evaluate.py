@@ -172,7 +172,12 @@ def _check(config: Any) -> list[str]:
         FLAGS.ode_max_steps, FLAGS.divergence,
       )  # fmt: skip
       # in the flags' names; eval.ode_steps has its line from the field check above
-      problems += [f"--ode_{line}" for line in solver if not line.startswith("num_steps")]
+      flag = {"method": "--ode_method", "divergence": "--divergence", "rtol": "--ode_rtol",
+              "atol": "--ode_atol", "max_steps": "--ode_max_steps"}  # fmt: skip
+      for line in solver:
+        name, _, rest = line.partition("=")
+        if name in flag:
+          problems.append(f"{flag[name]}={rest}")
     if FLAGS.metric == "bpd" and FLAGS.t_chunk < 1:
       problems.append(f"t_chunk={FLAGS.t_chunk}: an integer >= 1")
     return problems
